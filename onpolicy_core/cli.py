@@ -1,0 +1,76 @@
+"""`onpolicy <stage>`: thin command-line wrappers over the stage functions (DVC calls these)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from onpolicy_core.config import ConfigError, Params, load_params
+
+app = typer.Typer(help="On-Policy SFT pipeline stages. Each reads params.yaml; --set overrides one key.", no_args_is_help=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML) mirroring the typed config.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a setting, e.g. --set data.n_eval=20 (value parsed as YAML). Repeatable."),
+]
+
+
+def _load(params: Path, overrides: list[str] | None) -> Params:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return load_params(params, overrides)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
+def model(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Materialise the model (embedded GGUF, hub id or local folder) as a plain HF folder."""
+    from onpolicy_core.stages.model import run_model
+
+    p = _load(params, set_)
+    run_model(p.model, p.paths, p.tracking)
+
+
+@app.command()
+def data(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Build train/eval splits in the record format; bad rows are counted and reported by file:line."""
+    from onpolicy_core.stages.data import run_data
+
+    p = _load(params, set_)
+    run_data(p.data, p.paths, p.tracking)
+
+
+@app.command()
+def score(
+    input: Annotated[Path, typer.Option(help="JSONL records to score (default: the data stage's train split).")] = None,
+    output: Annotated[Path, typer.Option(help="Output folder (default: <paths.score>/<input file stem>).")] = None,
+    field: Annotated[str, typer.Option(help="Record field scored as the response.")] = "solution",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """DDT-score a corpus: phi = log p + H per response token under the model (paper Sec. 3).
+
+    Writes scores.parquet (per example, with per-token phi/logp/entropy), summary.json, metrics.json,
+    phi.png and selected.jsonl (the subset passing score.select_threshold / score.select_top_k).
+    Settings under `score:` in params.yaml: temperature, max_tokens_per_batch, max_batch_size,
+    chunk_size, thresholds, select_threshold, select_top_k, histogram_bins.
+    """
+    from onpolicy_core.stages.score import run_score
+
+    p = _load(params, set_)
+    input = input or Path(p.paths.data) / "train.jsonl"
+    output = output or Path(p.paths.score) / input.stem
+    run_score(p.score, p.paths, p.tracking, input, output, response_field=field)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

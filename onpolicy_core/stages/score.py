@@ -1,0 +1,242 @@
+"""Stage `score`: DDT-score a corpus under the model (per token, per example, and in summary)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from onpolicy_core import ddt
+from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig, to_dict
+from onpolicy_core.io import InputError, ShardedResults, atomic_path, iter_jsonl, write_json, write_jsonl
+from onpolicy_core.models import load_materialised
+from onpolicy_core.prompts import encode_pair, render_prompt
+from onpolicy_core.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+SCORES_FILE, SUMMARY_FILE, METRICS_FILE = "scores.parquet", "summary.json", "metrics.json"
+PLOT_FILE, SELECTED_FILE = "phi.png", "selected.jsonl"
+SHARD_SIZE = 256
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def _read_scorable(path: Path, response_field: str) -> list[dict]:
+    """Records with string `id`, `question` and `response_field`; anything else is an error naming the line."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        if isinstance(row, InputError):
+            raise row
+        bad = [k for k in ("id", "question", response_field) if not isinstance(row.get(k), str)]
+        if bad:
+            raise InputError(f"{path}:{lineno}: record lacks string field(s) {bad}")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no records to score")
+    return rows
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _device(model: torch.nn.Module) -> torch.nn.Module:
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, response_field: str = "solution",
+                  shards: ShardedResults | None = None) -> list[dict]:
+    """Per-example rows (stats and per-token arrays) in input order; shards make it resumable.
+
+    Each record needs `id`, `question` and `response_field`; the prompt is the shared chat prompt.
+    """
+    rows: list[dict] = []
+    total = len(problems)
+    bar = tqdm(total=total, desc="DDT scoring", unit="ex", dynamic_ncols=True)
+    tokens_done, start = 0, time.perf_counter()
+    for shard_index, shard_start in enumerate(range(0, total, SHARD_SIZE)):
+        chunk = problems[shard_start : shard_start + SHARD_SIZE]
+        if shards is not None and shards.done(shard_index):
+            rows.extend(shards.read(shard_index))
+            bar.update(len(chunk))
+            continue
+        pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p["question"]), p[response_field]) for p in chunk]
+        lengths = [len(a) + len(b) for a, b in pairs]
+        shard_rows: list[dict | None] = [None] * len(chunk)
+        for batch in ddt.length_batches(lengths, cfg.max_tokens_per_batch, cfg.max_batch_size):
+            scores = ddt.score_batch(
+                model,
+                [pairs[i][0] for i in batch],
+                [pairs[i][1] for i in batch],
+                temperature=cfg.temperature,
+                chunk_size=cfg.chunk_size,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+            for i, s in zip(batch, scores):
+                response = pairs[i][1]
+                shard_rows[i] = {
+                    "id": chunk[i]["id"],
+                    **ddt.example_stats(s, cfg.thresholds),
+                    "phi": [round(float(v), 5) for v in s.phi],
+                    "logp": [round(float(v), 5) for v in s.logp],
+                    "entropy": [round(float(v), 5) for v in s.entropy],
+                    "tokens": tokenizer.convert_ids_to_tokens(response),
+                }
+                tokens_done += len(response)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - start, 1e-9):.0f}")
+        if shards is not None:
+            shards.write(shard_index, shard_rows)
+        rows.extend(shard_rows)
+    bar.close()
+    return rows
+
+
+def _histogram(values: np.ndarray, bins: int, lo: float | None = None, hi: float | None = None) -> dict:
+    if values.size == 0:
+        return {"edges": [], "counts": []}
+    lo = float(values.min()) if lo is None else lo
+    hi = float(values.max()) if hi is None else hi
+    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi if hi > lo else lo + 1e-6))
+    return {"edges": [round(float(e), 5) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def summarise(rows: list[dict], cfg: ScoreConfig) -> dict:
+    """Corpus-level statistics: the distribution of avg-phi over examples and of phi over tokens."""
+    scored = [r for r in rows if r["n_tokens"]]
+    avg = np.array([r["avg_phi"] for r in scored], dtype=np.float64)
+    tok = np.concatenate([np.asarray(r["phi"], dtype=np.float64) for r in scored]) if scored else np.zeros(0)
+    summary: dict = {
+        "examples": len(rows),
+        "scored_examples": len(scored),
+        "empty_responses": len(rows) - len(scored),
+        "tokens": int(tok.size),
+        "temperature": cfg.temperature,
+    }
+    if scored:
+        summary["avg_phi"] = {
+            "mean": float(avg.mean()),
+            "std": float(avg.std()),
+            "min": float(avg.min()),
+            "max": float(avg.max()),
+            **{f"q{int(q * 100):02d}": float(np.quantile(avg, q)) for q in QUANTILES},
+        }
+        summary["token_phi"] = {
+            "mean": float(tok.mean()),
+            "frac_pos": float((tok > 0).mean()),
+            **{ddt.threshold_key(t): float((tok > t).mean()) for t in cfg.thresholds},
+        }
+        summary["histograms"] = {
+            "avg_phi": _histogram(avg, cfg.histogram_bins),
+            "token_phi": _histogram(tok, cfg.histogram_bins, lo=max(-15.0, float(tok.min())), hi=float(tok.max())),
+        }
+    return summary
+
+
+def select(rows: list[dict], cfg: ScoreConfig) -> tuple[list[str], dict]:
+    """Ids that pass the avg-phi threshold and/or top-k (DDT as data selection), and what was done."""
+    candidates = [r for r in rows if r["avg_phi"] is not None]
+    rule: dict = {"threshold": cfg.select_threshold, "top_k": cfg.select_top_k, "input": len(rows)}
+    if cfg.select_threshold is not None:
+        candidates = [r for r in candidates if r["avg_phi"] >= cfg.select_threshold]
+    if cfg.select_top_k is not None:
+        candidates = sorted(candidates, key=lambda r: -r["avg_phi"])[: cfg.select_top_k]
+    if cfg.select_threshold is None and cfg.select_top_k is None:
+        candidates = list(rows)  # no selection configured: everything passes, empty responses included
+    kept = {r["id"] for r in candidates}
+    ids = [r["id"] for r in rows if r["id"] in kept]
+    rule["selected"] = len(ids)
+    return ids, rule
+
+
+def plot(rows: list[dict], summary: dict, path: Path, title: str) -> None:
+    """Two panels: per-token phi histogram and per-example avg-phi distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    tok = np.concatenate([np.asarray(r["phi"]) for r in rows if r["n_tokens"]] or [np.zeros(0)])
+    left.hist(np.clip(tok, -15, None), bins=60, color="#4472c4")
+    left.axvline(0, color="k", lw=0.8)
+    left.set(title="per-token phi (clipped at -15)", xlabel="phi = log p + H", ylabel="tokens", yscale="log")
+    avg = [r["avg_phi"] for r in rows if r["avg_phi"] is not None]
+    right.hist(avg, bins=40, color="#ed7d31")
+    right.axvline(0, color="k", lw=0.8)
+    if "avg_phi" in summary:
+        right.axvline(summary["avg_phi"]["mean"], color="r", ls="--", label=f"mean {summary['avg_phi']['mean']:.3f}")
+        right.legend()
+    right.set(title="per-example avg-phi", xlabel="avg phi", ylabel="examples")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run_score(
+    cfg: ScoreConfig,
+    paths: PathsConfig,
+    tracking: TrackingConfig,
+    input_path: str | Path,
+    output_dir: str | Path,
+    response_field: str = "solution",
+) -> dict:
+    """Score `response_field` of every record in `input_path`; write scores, summary, plot, selection."""
+    input_path, out = Path(input_path), Path(output_dir)
+    problems = _read_scorable(input_path, response_field)
+    name = out.name
+    config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
+    with stage_run("score", config, tracking, run_name=f"score-{name}") as run:
+        model, tokenizer = load_materialised(paths.model)
+        model = _device(model)
+        provenance = (Path(paths.model) / "onpolicy_model.json")
+        fingerprint = {
+            "score": to_dict(cfg),
+            "input_sha256": _file_sha256(input_path),
+            "model": provenance.read_text() if provenance.exists() else str(paths.model),
+            "response_field": response_field,
+        }
+        shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
+        start = time.perf_counter()
+        rows = score_records(model, tokenizer, problems, cfg, response_field, shards)
+        seconds = time.perf_counter() - start
+        summary = summarise(rows, cfg)
+        ids, rule = select(rows, cfg)
+        summary["selection"] = rule
+        summary["seconds"] = round(seconds, 2)
+        summary["tokens_per_second"] = round(summary["tokens"] / max(seconds, 1e-9), 1)
+        out.mkdir(parents=True, exist_ok=True)
+        import pandas as pd
+
+        with atomic_path(out / SCORES_FILE) as tmp:
+            pd.DataFrame(rows).to_parquet(tmp, index=False)
+        keep = set(ids)
+        write_jsonl(out / SELECTED_FILE, (r for r in problems if r["id"] in keep))
+        write_json(out / SUMMARY_FILE, summary)
+        metrics = _flat_metrics(summary)
+        write_json(out / METRICS_FILE, metrics)
+        plot(rows, summary, out / PLOT_FILE, f"DDT scores: {name} ({summary['scored_examples']} examples)")
+        shards.clear()
+        run.log_metrics(metrics)
+        for f in (SUMMARY_FILE, PLOT_FILE):
+            run.log_artifact(out / f)
+        log.info("score %s: avg-phi mean %s over %d examples, %.0f tok/s", name,
+                 summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], summary["tokens_per_second"])
+    return summary
+
+
+def _flat_metrics(summary: dict) -> dict[str, float]:
+    flat = {k: summary[k] for k in ("examples", "scored_examples", "empty_responses", "tokens", "tokens_per_second")}
+    for group in ("avg_phi", "token_phi"):
+        for k, v in summary.get(group, {}).items():
+            flat[f"{group}.{k}"] = v
+    flat["selected"] = summary["selection"]["selected"]
+    return {k: (v if v is None or not isinstance(v, float) or math.isfinite(v) else None) for k, v in flat.items()}
