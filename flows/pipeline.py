@@ -20,7 +20,7 @@ def stage_order(project_dir: str | Path = ".") -> list[str]:
 
     with Repo(str(project_dir)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.addressing for stage in nx.topological_sort(graph.reverse())]
+        return [stage.name for stage in nx.topological_sort(graph.reverse())]
 
 
 @flow(name="onpolicy-pipeline", log_prints=True)

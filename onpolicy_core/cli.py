@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,11 @@ import typer
 
 from onpolicy_core.config import ConfigError, Params, load_params
 
-app = typer.Typer(help="On-Policy SFT pipeline stages. Each reads params.yaml; --set overrides one key.", no_args_is_help=True)
+app = typer.Typer(
+    help="On-Policy SFT pipeline stages. Each reads params.yaml; --set overrides one key.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML) mirroring the typed config.")]
 SetOpt = Annotated[
@@ -27,13 +32,29 @@ def _load(params: Path, overrides: list[str] | None) -> Params:
         raise typer.BadParameter(str(exc)) from exc
 
 
+@contextlib.contextmanager
+def _user_errors():
+    """Bad input and bad settings end in one clear line (file, line, reason) and exit code 2,
+    not a traceback; anything else is a bug and keeps its traceback."""
+    from onpolicy_core.data.sources import SourceError
+    from onpolicy_core.io import InputError
+    from onpolicy_core.models import ModelSourceError
+
+    try:
+        yield
+    except (ConfigError, InputError, SourceError, ModelSourceError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def model(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Materialise the model (embedded GGUF, hub id or local folder) as a plain HF folder."""
     from onpolicy_core.stages.model import run_model
 
     p = _load(params, set_)
-    run_model(p.model, p.paths, p.tracking)
+    with _user_errors():
+        run_model(p.model, p.paths, p.tracking)
 
 
 @app.command()
@@ -42,7 +63,8 @@ def data(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     from onpolicy_core.stages.data import run_data
 
     p = _load(params, set_)
-    run_data(p.data, p.paths, p.tracking)
+    with _user_errors():
+        run_data(p.data, p.paths, p.tracking)
 
 
 @app.command()
@@ -65,7 +87,8 @@ def score(
     p = _load(params, set_)
     input = input or Path(p.paths.data) / "train.jsonl"
     output = output or Path(p.paths.score) / input.stem
-    run_score(p.score, p.paths, p.tracking, input, output, response_field=field)
+    with _user_errors():
+        run_score(p.score, p.paths, p.tracking, input, output, response_field=field)
 
 
 def main() -> None:  # pragma: no cover

@@ -51,7 +51,8 @@ class FieldMap:
     question: str = "question"
     """Column holding the problem statement."""
     solution: str | None = "solution"
-    """Column holding the reference solution (for the gsm8k format: the column with '#### answer')."""
+    """Column holding the reference solution (for the gsm8k format: the column with '#### answer');
+    None for benchmark files without solutions (records are then usable for evaluation only)."""
     answer: str | None = "answer"
     """Column holding the gold final answer; None to take it from the solution (last \\boxed{})."""
     id: str | None = None

@@ -54,8 +54,11 @@ def last_boxed(text: str) -> str | None:
 
 
 def _gold_text(gold: str) -> str:
+    """Gold answers are math content; drop stray `$` (Minerva has 'a+$ $b') and wrap once."""
     gold = gold.strip()
-    return gold if gold.startswith("$") or "\\boxed" in gold else f"${gold}$"
+    if "\\boxed" in gold:
+        return gold
+    return f"${gold.replace('$', ' ').strip()}$"
 
 
 def _grade_here(response: str, gold: str) -> Grade:
@@ -96,12 +99,21 @@ def grade(response: str, gold: str) -> Grade:
             return _grade_here(response, gold)
         except TimeoutError:
             return Grade(False, None, timed_out=True)
-    future = _worker_pool().submit(_grade_here, response, gold)
     try:
-        return future.result(timeout=WORKER_TIMEOUT_S)
+        return run_in_worker(_grade_here, response, gold, timeout=WORKER_TIMEOUT_S)
+    except TimeoutError:
+        return Grade(False, None, timed_out=True)
+
+
+def run_in_worker(fn, *args, timeout: float):
+    """`fn(*args)` in the grading worker process; past `timeout` the worker is killed (and
+    replaced on next use) and TimeoutError is raised."""
+    future = _worker_pool().submit(fn, *args)
+    try:
+        return future.result(timeout=timeout)
     except cf.TimeoutError:
         _reset_pool()
-        return Grade(False, None, timed_out=True)
+        raise TimeoutError(f"grading took longer than {timeout}s; worker killed") from None
 
 
 def extract_answer(response: str) -> str | None:

@@ -102,15 +102,15 @@ def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, 
         answer = answer or (last_boxed(solution) or "")
         if "\\boxed" not in solution and answer:
             solution = f"{solution}\nThe final answer is $\\boxed{{{answer}}}$."
-    else:  # fields
-        solution = get(fields.solution, "solution").strip()
+    else:  # fields; with no solution column the record is usable for evaluation only
+        solution = get(fields.solution, "solution").strip() if fields.solution else ""
         answer = get(fields.answer, "answer").strip()
     if not question:
         raise ValueError("empty_question", "")
     if not answer.strip():
         raise ValueError("empty_answer", "")
-    if not solution:
-        raise ValueError("empty_solution", "")
+    if not solution and fields.solution:
+        raise ValueError("empty_solution", f"field {fields.solution!r} is empty")
     ident = str(obj.get(fields.id)) if fields.id and obj.get(fields.id) is not None else f"{prefix}-{index:05d}"
     return Problem(id=ident, question=question, solution=solution, answer=answer, source=source)
 

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from onpolicy_core.config import DataConfig, PathsConfig, TrackingConfig, to_dict
-from onpolicy_core.data.sources import LoadResult, load_source
+from onpolicy_core.data.sources import LoadResult, SourceError, load_source
 from onpolicy_core.io import write_json, write_jsonl
 from onpolicy_core.tracking import stage_run
 
@@ -45,7 +45,7 @@ def run_data(cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> d
             eval_split, train_split = held_out.problems[: cfg.n_eval or None], problems
         else:
             if cfg.n_eval >= len(problems):
-                raise ValueError(f"{cfg.source}: n_eval={cfg.n_eval} leaves no training data ({len(problems)} usable)")
+                raise SourceError(f"{cfg.source}: n_eval={cfg.n_eval} leaves no training data ({len(problems)} usable)")
             eval_split, train_split = problems[: cfg.n_eval], problems[cfg.n_eval :]
         if cfg.n_train is not None:
             train_split = train_split[: cfg.n_train]

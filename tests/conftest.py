@@ -1,0 +1,76 @@
+"""Shared fixtures: the real shared data, a tiny random model, and the embedded model materialised
+once per session by the real `model` stage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_tracking(tmp_path_factory):
+    """Every test logs to a throwaway MLflow SQLite store, never to the project's mlflow.db."""
+    store = tmp_path_factory.mktemp("mlflow")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "gsm8k" / "test.jsonl").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, materialised by the real model stage (about 25 s)."""
+    from onpolicy_core.config import ModelConfig, PathsConfig, TrackingConfig
+    from onpolicy_core.stages.model import run_model
+
+    out = tmp_path_factory.mktemp("model") / "model"
+    run_model(ModelConfig(), PathsConfig(model=str(out)), TrackingConfig(enabled=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+def make_tiny_model(vocab_size: int = 128, seed: int = 0, layers: int = 2):
+    """A random Llama with a few small layers: fast, but a real transformers model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
