@@ -91,6 +91,27 @@ def score(
         run_score(p.score, p.paths, p.tracking, input, output, response_field=field)
 
 
+@app.command()
+def realign(
+    variant: Annotated[str, typer.Option(help="'hinted' (beta = realign.beta) or 'self_distill' (beta = 0).")] = "hinted",
+    input: Annotated[Path, typer.Option(help="JSONL records (default: the data stage's train split).")] = None,
+    output: Annotated[Path, typer.Option(help="Output folder (default: <paths.realign>/<variant>).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Hinted Decoding: rewrite each reference solution in the model's own words (paper Sec. 4).
+
+    Writes train.jsonl (after the realign.on_unverified policy), records.jsonl (every example with
+    its realigned CoT, finish reason, mean lambda, verification and avg-phi), summary.json and
+    metrics.json. Settings under `realign:` in params.yaml.
+    """
+    from onpolicy_core.stages.realign import run_realign
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_realign(p.realign, p.paths, p.tracking, variant, input, output)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

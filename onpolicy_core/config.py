@@ -63,7 +63,7 @@ class FieldMap:
 class ArithmeticConfig:
     """The built-in generator of multi-step arithmetic word problems (offline default data)."""
 
-    n: int = 240
+    n: int = 104
     """Number of problems generated (train and eval together)."""
     min_steps: int = 2
     """Fewest operations per problem."""
@@ -153,6 +153,75 @@ class ScoreConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Optional first phase of Hinted Decoding: the hinted stream first analyses the reference
+    solution (greedy) up to the CoT marker, as the official demo does."""
+
+    enabled: bool = False
+    """Generate the analysis; when off, the hinted stream starts right at `marker`."""
+    marker: str = "# CoT"
+    """Text that ends the analysis and starts the chain-of-thought."""
+    max_new_tokens: int = 256
+    """Longest analysis; one that never reaches the marker gets the marker appended (counted)."""
+
+
+REALIGN_VARIANTS = ("self_distill", "hinted")
+UNVERIFIED_POLICIES = ("keep", "drop", "fallback")
+
+
+@dataclass
+class RealignConfig:
+    """Hinted Decoding (paper Sec. 4): rewrite each reference solution in the model's own words."""
+
+    beta: float = 0.5
+    """Mixing strength of the 'hinted' variant; the 'self_distill' variant always uses beta = 0 (linear)."""
+    lambda_mode: str = "linear"
+    """linear: clamp(beta*h, 0, 1); sigmoid: sigmoid(beta*(h - sigmoid_center)); piecewise: ramp over piecewise_bounds."""
+    sigmoid_center: float = 0.5
+    """Centre of the sigmoid mode, in units of H / log V."""
+    piecewise_bounds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    """(h1, h2) of the piecewise mode: lambda 0 below h1, 1 above h2."""
+    temperature: float = 0.3
+    """Sampling temperature of the mixed distribution (official demo: 0.3)."""
+    top_p: float = 0.95
+    """Nucleus mass kept after the temperature (official demo: 0.95)."""
+    greedy: bool = False
+    """Argmax instead of sampling (temperature and top_p then unused)."""
+    max_new_tokens: int = 128
+    """Longest realigned response."""
+    answer_marker: str | None = "\\boxed{"
+    """Once generated, decoding continues from the plain stream alone; null disables the switch."""
+    repetition_window: int = 30
+    """Repetition guard: a run of this many tokens ..."""
+    repetition_count: int = 5
+    """... seen this many times stops the response ..."""
+    repetition_check_every: int = 100
+    """... checked every this many tokens."""
+    batch_size: int = 16
+    """Problems decoded together (2 rows each: hinted and plain)."""
+    on_unverified: str = "fallback"
+    """Realigned responses whose answer fails math-verify: keep them, drop the example, or fall back to the original."""
+    seed: int = 0
+    """Sampling seed; each example's stream is seeded from (seed, id), independent of batching."""
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    """The optional analysis phase."""
+
+    def __post_init__(self) -> None:
+        if self.lambda_mode not in ("linear", "sigmoid", "piecewise"):
+            raise ConfigError(f"realign.lambda_mode must be linear, sigmoid or piecewise, got {self.lambda_mode!r}")
+        if len(self.piecewise_bounds) != 2 or not 0 <= self.piecewise_bounds[0] < self.piecewise_bounds[1]:
+            raise ConfigError("realign.piecewise_bounds must be [h1, h2] with 0 <= h1 < h2")
+        if self.on_unverified not in UNVERIFIED_POLICIES:
+            raise ConfigError(f"realign.on_unverified must be one of {UNVERIFIED_POLICIES}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("realign.temperature must be > 0 and top_p in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.repetition_check_every < 1:
+            raise ConfigError("realign.max_new_tokens, batch_size and repetition_check_every must be positive")
+        if self.beta < 0:
+            raise ConfigError("realign.beta must be >= 0")
+
+
+@dataclass
 class PathsConfig:
     """Where stages write; `dvc.yaml` reads the same keys through `${paths.*}`."""
 
@@ -162,6 +231,8 @@ class PathsConfig:
     """train.jsonl, eval.jsonl and summary.json of the data stage."""
     score: str = "artifacts/score"
     """One folder per scored corpus (e.g. score/original)."""
+    realign: str = "artifacts/realign"
+    """One folder per Hinted Decoding variant (realign/self_distill, realign/hinted)."""
 
 
 @dataclass
@@ -185,6 +256,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    realign: RealignConfig = field(default_factory=RealignConfig)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

@@ -40,3 +40,31 @@ def encode_pair(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], 
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return prompt_ids, response_ids
+
+
+# Hinted stream of Hinted Decoding (paper Sec. 4): the model sees the reference solution and is asked
+# to re-derive it in its own words. Written for this project after the official demo's intent.
+HINT_SYSTEM_PROMPT = """You get a math question and a correct reference solution.
+Explain the solution as your own step-by-step reasoning, reaching the same final answer.
+Do not mention the reference solution. Put the final answer within \\boxed{}."""
+
+HINT_INPUT_TEMPLATE = """# Question
+{question}
+
+# Reference solution
+{solution}
+"""
+
+
+def render_hinted_prompt(tokenizer: Any, question: str, solution: str, assistant_prefix: str = "") -> str:
+    """The hinted stream's context: question + reference solution, then the assistant's prefix
+    (the analysis and CoT marker) after which the realigned chain-of-thought is decoded."""
+    msgs = [
+        {"role": "system", "content": HINT_SYSTEM_PROMPT},
+        {"role": "user", "content": HINT_INPUT_TEMPLATE.format(question=question, solution=solution)},
+    ]
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        head = f"{HINT_SYSTEM_PROMPT}\n\n{msgs[1]['content']}\nAnswer:"
+    return head + assistant_prefix

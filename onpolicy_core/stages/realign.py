@@ -1,0 +1,242 @@
+"""Stage `realign`: Hinted Decoding of the training split (paper Sec. 4), verified and DDT-scored.
+
+Writes, under `<paths.realign>/<variant>/`:
+  train.jsonl    the training records after the unverified-answer policy (record format; `solution`
+                 is the realigned CoT, or the original under the fallback policy)
+  records.jsonl  every example with its realigned CoT, finish reason, tokens, mean lambda,
+                 verification, avg-phi of the realigned and of the original solution, and outcome
+  summary.json / metrics.json   counts per outcome and finish reason, avg-phi side by side
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from onpolicy_core import ddt
+from onpolicy_core.config import REALIGN_VARIANTS, PathsConfig, RealignConfig, TrackingConfig, to_dict
+from onpolicy_core.grading import grade
+from onpolicy_core.hinted import DecodeOptions, hinted_generate
+from onpolicy_core.io import ShardedResults, read_jsonl, write_json, write_jsonl
+from onpolicy_core.models import load_materialised
+from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
+from onpolicy_core.records import REQUIRED_FIELDS, Problem
+from onpolicy_core.tracking import stage_run
+
+log = logging.getLogger(__name__)
+SHARD_SIZE = 64
+ANALYSIS_HEADER = "# Analysis\n"
+
+
+def decode_options(cfg: RealignConfig, variant: str) -> DecodeOptions:
+    """The decoding options of a variant: 'self_distill' is linear mixing with beta 0 (pure hinted)."""
+    if variant not in REALIGN_VARIANTS:
+        raise ValueError(f"variant must be one of {REALIGN_VARIANTS}, got {variant!r}")
+    self_distill = variant == "self_distill"
+    return DecodeOptions(
+        beta=0.0 if self_distill else cfg.beta,
+        lambda_mode="linear" if self_distill else cfg.lambda_mode,
+        sigmoid_center=cfg.sigmoid_center,
+        piecewise_bounds=(cfg.piecewise_bounds[0], cfg.piecewise_bounds[1]),
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        greedy=cfg.greedy,
+        max_new_tokens=cfg.max_new_tokens,
+        answer_marker=cfg.answer_marker,
+        repetition_window=cfg.repetition_window,
+        repetition_count=cfg.repetition_count,
+        repetition_check_every=cfg.repetition_check_every,
+    )
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """EOS of the tokenizer plus every EOS the generation config names (chat models often have two)."""
+    configured = model.generation_config.eos_token_id
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return {t for t in [tokenizer.eos_token_id, *configured] if t is not None}
+
+
+def example_seed(seed: int, example_id: str) -> int:
+    """Per-example seed, so a sample does not depend on batching or on where a resumed run restarts."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def analysis_prefixes(model, tokenizer, problems: list[Problem], cfg: RealignConfig) -> tuple[list[str], list[bool]]:
+    """Assistant prefixes of the hinted stream and whether each analysis reached the CoT marker."""
+    marker = cfg.analysis.marker
+    if not cfg.analysis.enabled:
+        return [f"{marker}\n"] * len(problems), [True] * len(problems)
+    prefixes, finished = [], []
+    tokenizer.padding_side = "left"
+    for start in range(0, len(problems), cfg.batch_size):
+        chunk = problems[start : start + cfg.batch_size]
+        texts = [render_hinted_prompt(tokenizer, p.question, p.solution, ANALYSIS_HEADER) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(**enc, max_new_tokens=cfg.analysis.max_new_tokens, do_sample=False,
+                             stop_strings=[marker], tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1] :]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            end = text.find(marker)
+            finished.append(end >= 0)
+            body = text[: end + len(marker)] if end >= 0 else text.rstrip() + f"\n\n{marker}"
+            prefixes.append(ANALYSIS_HEADER + body + "\n")
+    return prefixes, finished
+
+
+def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfig, variant: str,
+                    shards: ShardedResults | None = None) -> list[dict]:
+    """One detail row per problem (input order), computed shard by shard so a killed run resumes."""
+    opts = decode_options(cfg, variant)
+    eos_ids = sorted(stop_token_ids(model, tokenizer))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    rows: list[dict] = []
+    bar = tqdm(total=len(problems), desc=f"Hinted Decoding ({variant})", unit="ex", dynamic_ncols=True)
+    generated, start = 0, time.perf_counter()
+    for shard_index, shard_start in enumerate(range(0, len(problems), SHARD_SIZE)):
+        chunk = problems[shard_start : shard_start + SHARD_SIZE]
+        if shards is not None and shards.done(shard_index):
+            rows.extend(shards.read(shard_index))
+            bar.update(len(chunk))
+            continue
+        prefixes, analysed = analysis_prefixes(model, tokenizer, chunk, cfg)
+        hinted = [tokenizer(render_hinted_prompt(tokenizer, p.question, p.solution, pre), add_special_tokens=False)["input_ids"]
+                  for p, pre in zip(chunk, prefixes)]
+        plain = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in chunk]
+        decoded: list = [None] * len(chunk)
+        order = sorted(range(len(chunk)), key=lambda i: -(len(hinted[i]) + len(plain[i])))
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b : b + cfg.batch_size]
+            outs = hinted_generate(model, [hinted[i] for i in idx], [plain[i] for i in idx], opts, eos_ids, decode,
+                                   pad_token_id=tokenizer.pad_token_id or 0,
+                                   seeds=[example_seed(cfg.seed, chunk[i].id) for i in idx])
+            for i, o in zip(idx, outs):
+                decoded[i] = o
+                generated += len(o.token_ids)
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.0f}")
+        texts = [tokenizer.decode(d.token_ids, skip_special_tokens=True).strip() for d in decoded]
+        phi_new = _avg_phi(model, tokenizer, chunk, texts)
+        phi_old = _avg_phi(model, tokenizer, chunk, [p.solution for p in chunk])
+        shard_rows = []
+        for p, d, text, analysed_ok, a_new, a_old in zip(chunk, decoded, texts, analysed, phi_new, phi_old):
+            verdict = grade(text, p.answer)
+            shard_rows.append({
+                **p.to_dict(),
+                "realigned": text,
+                "finish_reason": d.finish_reason,
+                "n_tokens": len(d.token_ids),
+                "mean_lambda": d.mean_lambda,
+                "switched_at": d.switched_at,
+                "analysis_finished": analysed_ok,
+                "verified": verdict.correct,
+                "extracted_answer": verdict.extracted,
+                "avg_phi": a_new,
+                "avg_phi_original": a_old,
+            })
+        if shards is not None:
+            shards.write(shard_index, shard_rows)
+        rows.extend(shard_rows)
+    bar.close()
+    return rows
+
+
+def _avg_phi(model, tokenizer, problems: list[Problem], responses: list[str]) -> list[float | None]:
+    pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p.question), r) for p, r in zip(problems, responses)]
+    out: list[float | None] = [None] * len(pairs)
+    for batch in ddt.length_batches([len(a) + len(b) for a, b in pairs], max_tokens=4096, max_batch_size=4):
+        scores = ddt.score_batch(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch],
+                                 pad_token_id=tokenizer.pad_token_id or 0)
+        for i, s in zip(batch, scores):
+            out[i] = float(s.phi.mean()) if s.phi.numel() else None
+    return out
+
+
+def apply_policy(rows: list[dict], policy: str) -> list[dict]:
+    """Training records after the unverified policy; sets each row's `outcome`."""
+    kept = []
+    for r in rows:
+        if r["verified"]:
+            r["outcome"] = "realigned"
+        else:
+            r["outcome"] = {"keep": "kept_unverified", "drop": "dropped", "fallback": "fallback_original"}[policy]
+        if r["outcome"] == "dropped":
+            continue
+        solution = r["solution"] if r["outcome"] == "fallback_original" else r["realigned"]
+        kept.append({**{k: r[k] for k in REQUIRED_FIELDS}, "solution": solution,
+                     "original_solution": r["solution"], "realign_outcome": r["outcome"]})
+    return kept
+
+
+def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    outcomes: dict[str, int] = {}
+    finishes: dict[str, int] = {}
+    for r in rows:
+        outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+        finishes[r["finish_reason"]] = finishes.get(r["finish_reason"], 0) + 1
+    return {
+        "variant": variant,
+        "beta": opts.beta,
+        "lambda_mode": opts.lambda_mode,
+        "examples": len(rows),
+        "verified_rate": mean([float(r["verified"]) for r in rows]),
+        "outcomes": outcomes,
+        "finish_reasons": finishes,
+        "answer_marker_reached": sum(r["switched_at"] is not None for r in rows),
+        "analysis_unfinished": sum(not r["analysis_finished"] for r in rows),
+        "mean_tokens": mean([r["n_tokens"] for r in rows]),
+        "mean_lambda": mean([r["mean_lambda"] for r in rows]),
+        "avg_phi": {"original": mean([r["avg_phi_original"] for r in rows]), variant: mean([r["avg_phi"] for r in rows]),
+                    f"{variant}_verified": mean([r["avg_phi"] for r in rows if r["verified"]])},
+    }
+
+
+def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig, variant: str,
+                input_path: str | Path | None = None, output_dir: str | Path | None = None) -> dict:
+    input_path = Path(input_path or Path(paths.data) / "train.jsonl")
+    out = Path(output_dir or Path(paths.realign) / variant)
+    problems = [Problem.from_dict(r) for r in read_jsonl(input_path)]
+    opts = decode_options(cfg, variant)
+    config = {"realign": to_dict(cfg), "variant": variant, "resolved_decoding": to_dict(opts), "input": str(input_path)}
+    with stage_run("realign", config, tracking, run_name=f"realign-{variant}") as run:
+        model, tokenizer = load_materialised(paths.model)
+        provenance = Path(paths.model) / "onpolicy_model.json"
+        fingerprint = {"config": config, "input": hashlib.sha256(input_path.read_bytes()).hexdigest(),
+                       "model": provenance.read_text() if provenance.exists() else str(paths.model)}
+        shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
+        start = time.perf_counter()
+        rows = realign_records(model, tokenizer, problems, cfg, variant, shards)
+        seconds = time.perf_counter() - start
+        train = apply_policy(rows, cfg.on_unverified)
+        summary = summarise(rows, variant, opts)
+        summary["train_examples"] = len(train)
+        summary["seconds"] = round(seconds, 1)
+        write_jsonl(out / "records.jsonl", rows)
+        write_jsonl(out / "train.jsonl", train)
+        write_json(out / "summary.json", summary)
+        metrics = {
+            "verified_rate": summary["verified_rate"], "train_examples": len(train), "mean_tokens": summary["mean_tokens"],
+            "mean_lambda": summary["mean_lambda"], "avg_phi_original": summary["avg_phi"]["original"],
+            "avg_phi_realigned": summary["avg_phi"][variant],
+            **{f"outcome.{k}": v for k, v in summary["outcomes"].items()},
+            **{f"finish.{k}": v for k, v in summary["finish_reasons"].items()},
+        }
+        write_json(out / "metrics.json", metrics)
+        shards.clear()
+        run.log_metrics(metrics)
+        run.log_artifact(out / "summary.json")
+        run.log_artifact(out / "records.jsonl")
+        log.info("realign %s: %d/%d verified, avg-phi original %.3f -> %s %.3f", variant,
+                 sum(r["verified"] for r in rows), len(rows), summary["avg_phi"]["original"] or float("nan"),
+                 variant, summary["avg_phi"][variant] or float("nan"))
+    return summary

@@ -1,0 +1,136 @@
+"""Hinted Decoding (paper Sec. 4): the batched, KV-cached generator against the batch-1 no-cache
+reference, the lambda modes, the answer-marker switch, EOS and the repetition guard."""
+
+import math
+
+import pytest
+import torch
+
+from onpolicy_core.hinted import (
+    FIRST, MIX, PLAIN, DecodeOptions, hinted_generate, mix_step, mixing_lambda, reference_generate, repeats,
+)
+from tests.conftest import make_tiny_model
+
+HINTED = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18, 19]]
+PLAIN_PROMPTS = [[20, 21], [22, 23, 24, 25, 26, 27], [28]]
+
+
+def decode(ids):
+    return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make_tiny_model(vocab_size=64, seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)  # peaked distributions: entropies spread over (0, log V)
+    return m
+
+
+def _reference(model, opts, i, **kw):
+    return reference_generate(model, model, HINTED[i], PLAIN_PROMPTS[i], opts, [1], decode, **kw)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.8, 3.0])
+def test_batched_greedy_equals_the_batch1_no_cache_reference(model, beta):
+    opts = DecodeOptions(beta=beta, greedy=True, max_new_tokens=24, answer_marker=None)
+    batched = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode, pad_token_id=0)
+    for i, got in enumerate(batched):
+        ref = _reference(model, opts, i)
+        assert got.token_ids == ref.token_ids
+        assert got.finish_reason == ref.finish_reason
+        assert got.lambdas == pytest.approx(ref.lambdas, abs=1e-5)
+        assert _reference(model, opts, i, use_cache=True).token_ids == ref.token_ids
+
+
+def test_beta_zero_is_plain_hinted_generation(model):
+    opts = DecodeOptions(beta=0.0, greedy=True, max_new_tokens=16, answer_marker=None)
+    out = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode)
+    for prompt, got in zip(HINTED, out):
+        ids = list(prompt)
+        for _ in range(16):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert got.token_ids == ids[len(prompt):]
+        assert set(got.lambdas) == {0.0}
+
+
+def test_sampling_is_seeded_per_pair_not_per_batch(model):
+    opts = DecodeOptions(beta=0.8, temperature=1.0, top_p=0.9, max_new_tokens=12, answer_marker=None)
+    full = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode, seeds=[11, 12, 13])
+    part = hinted_generate(model, HINTED[1:], PLAIN_PROMPTS[1:], opts, [1], decode, seeds=[12, 13])
+    assert [d.token_ids for d in full[1:]] == [d.token_ids for d in part]
+    assert full[2].token_ids == _reference(model, opts, 2, seed=13).token_ids
+    other = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode, seeds=[11, 12, 14])
+    assert other[2].token_ids != full[2].token_ids
+
+
+def test_answer_marker_switches_to_the_plain_stream(model):
+    free = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], DecodeOptions(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=None), [1], decode)[0]
+    marker_at = 3
+    marker = decode(free.token_ids[marker_at : marker_at + 1])
+    opts = DecodeOptions(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=marker)
+    got = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], opts, [1], decode)[0]
+    first = decode(free.token_ids).index(marker) // len(marker)  # marker may occur before index 3
+    assert got.switched_at == first and got.token_ids[: first + 1] == free.token_ids[: first + 1]
+    # after the switch, every token is the plain stream's own greedy choice
+    ids = PLAIN_PROMPTS[0] + got.token_ids[: first + 1]
+    for tok in got.token_ids[first + 1 :]:
+        assert tok == int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(tok)
+    assert len(got.lambdas) == first, "lambdas are recorded only for mixing steps (not token 0, not the tail)"
+    assert got.token_ids == _reference(model, opts, 0).token_ids
+
+
+def test_eos_stops_a_pair_including_on_the_first_token(model):
+    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=20, answer_marker=None)
+    free = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode)
+    eos = free[0].token_ids[0]  # pretend the first token of pair 0 is EOS
+    out = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [eos], decode)
+    assert out[0].token_ids == [] and out[0].finish_reason == "eos"
+    for got, ref in zip(out[1:], free[1:]):  # other pairs unaffected until their own EOS
+        cut = ref.token_ids.index(eos) if eos in ref.token_ids else None
+        assert got.token_ids == ref.token_ids[:cut]
+        assert got.finish_reason == ("eos" if cut is not None else "length")
+    assert all(len(d.token_ids) == 20 for d in free if d.finish_reason == "length"), "exactly max_new_tokens"
+
+
+def test_repetition_guard():
+    assert repeats([1, 2, 3] * 5, window=3, count=5)
+    assert not repeats([1, 2, 3] * 4, window=3, count=5)
+    assert repeats(list(range(10)) + [7, 7, 7, 7, 7], window=1, count=6)
+
+
+def test_repetition_guard_stops_decoding():
+    model = make_tiny_model(vocab_size=64, seed=3)
+    with torch.no_grad():
+        model.lm_head.bias = None
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[9] = 1.0  # every position prefers token 9 ... forever
+    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=500, answer_marker=None,
+                         repetition_window=4, repetition_count=5, repetition_check_every=10)
+    out = hinted_generate(model, HINTED[:2], PLAIN_PROMPTS[:2], opts, [1], decode)
+    assert [d.finish_reason for d in out] == ["repetition", "repetition"]
+    assert all(len(d.token_ids) == 10 for d in out), "caught at the first check"
+
+
+@pytest.mark.parametrize("h", [0.0, 0.1, 0.35, 0.5, 0.9, 1.0])
+def test_lambda_modes_match_their_formulas(h):
+    t = torch.tensor([h])
+    assert float(mixing_lambda(t, DecodeOptions(beta=0.7, lambda_mode="linear"))) == pytest.approx(min(max(0.7 * h, 0), 1))
+    assert float(mixing_lambda(t, DecodeOptions(beta=4.0, lambda_mode="sigmoid", sigmoid_center=0.4))) == pytest.approx(1 / (1 + math.exp(-4.0 * (h - 0.4))))
+    expected = 0.0 if h <= 0.3 else 1.0 if h >= 0.7 else (h - 0.3) / 0.4
+    assert float(mixing_lambda(t, DecodeOptions(lambda_mode="piecewise", piecewise_bounds=(0.3, 0.7)))) == pytest.approx(expected)
+    assert float(mixing_lambda(t, DecodeOptions(beta=0.0, lambda_mode="sigmoid"))) == pytest.approx(0.5)
+
+
+def test_mix_step_phases_and_formula():
+    torch.manual_seed(0)
+    hint, plain = torch.randn(3, 50), torch.randn(3, 50)
+    phase = torch.tensor([FIRST, MIX, PLAIN])
+    mixed, lam = mix_step(hint, plain, phase, DecodeOptions(beta=0.9))
+    log_h, log_p = hint.log_softmax(-1), plain.log_softmax(-1)
+    h = -(log_h.exp() * log_h).sum(-1) / math.log(50)
+    assert lam[0] == 0 and lam[2] == 1 and lam[1] == pytest.approx(float(torch.clamp(0.9 * h[1], 0, 1)))
+    torch.testing.assert_close(mixed[0], log_h[0])
+    torch.testing.assert_close(mixed[2], log_p[2])
+    torch.testing.assert_close(mixed[1], (1 - lam[1]) * log_h[1] + lam[1] * log_p[1])

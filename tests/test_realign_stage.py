@@ -1,0 +1,92 @@
+"""The realign stage on the embedded model: outputs, policy, summary, resume after a kill, and
+the batched generator against the batch-1 reference on real prompts of mixed lengths."""
+
+import json
+
+import pytest
+
+from onpolicy_core import hinted
+from onpolicy_core.config import PathsConfig, RealignConfig, TrackingConfig
+from onpolicy_core.data.arithmetic import generate
+from onpolicy_core.io import read_jsonl, write_jsonl
+from onpolicy_core.models import load_materialised
+from onpolicy_core.prompts import render_hinted_prompt, render_prompt
+from onpolicy_core.stages import realign as realign_stage
+
+SMALL = dict(max_new_tokens=24, batch_size=2)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, (p.to_dict() for p in generate(5, 1, 4, 15, seed=9)))
+    return path
+
+
+def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_dir):
+    model, tok = load_materialised(embedded_model_dir)
+    problems = generate(3, 1, 4, 30, seed=2)
+    hinted_ids = [tok(render_hinted_prompt(tok, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
+    plain_ids = [tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    assert len({len(h) for h in hinted_ids}) == 3, "mixed prompt lengths, so left padding is exercised"
+    decode = lambda ids: tok.decode(ids)  # noqa: E731
+    for beta in (0.0, 0.6):
+        opts = hinted.DecodeOptions(beta=beta, greedy=True, max_new_tokens=20, answer_marker="\\boxed{")
+        batched = hinted.hinted_generate(model, hinted_ids, plain_ids, opts, [tok.eos_token_id], decode, pad_token_id=tok.pad_token_id)
+        for h, p, got in zip(hinted_ids, plain_ids, batched):
+            ref = hinted.reference_generate(model, model, h, p, opts, [tok.eos_token_id], decode)
+            assert got.token_ids == ref.token_ids and got.finish_reason == ref.finish_reason
+
+
+def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embedded_model_dir):
+    out = tmp_path / "hinted"
+    cfg = RealignConfig(on_unverified="drop", **SMALL)
+    summary = realign_stage.run_realign(cfg, PathsConfig(model=str(embedded_model_dir)), TrackingConfig(), "hinted", corpus, out)
+    records = read_jsonl(out / "records.jsonl")
+    train = read_jsonl(out / "train.jsonl")
+    assert len(records) == 5 and summary["examples"] == 5
+    for r in records:
+        assert r["finish_reason"] in ("eos", "length", "repetition")
+        assert 0 < r["n_tokens"] <= 24 and isinstance(r["realigned"], str)
+        assert r["avg_phi_original"] < 0.5 and r["outcome"] in ("realigned", "dropped")
+    assert len(train) == sum(r["verified"] for r in records) == summary["outcomes"].get("realigned", 0)
+    assert all(t["solution"] == t_r["realigned"] for t in train for t_r in records if t_r["id"] == t["id"])
+    assert summary["beta"] == 0.5 and set(summary["avg_phi"]) == {"original", "hinted", "hinted_verified"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["avg_phi_original"] == pytest.approx(summary["avg_phi"]["original"])
+
+
+def test_fallback_policy_keeps_every_example(tmp_path, corpus, embedded_model_dir):
+    cfg = RealignConfig(on_unverified="fallback", greedy=True, **SMALL)
+    out = tmp_path / "sd"
+    summary = realign_stage.run_realign(cfg, PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False), "self_distill", corpus, out)
+    train = read_jsonl(out / "train.jsonl")
+    assert len(train) == 5 and summary["beta"] == 0.0 and summary["mean_lambda"] in (0.0, None)
+    for t in train:
+        assert t["solution"] == (t["original_solution"] if t["realign_outcome"] == "fallback_original" else t["solution"])
+
+
+def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_model_dir, monkeypatch):
+    monkeypatch.setattr(realign_stage, "SHARD_SIZE", 2)
+    paths, tracking = PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False)
+    cfg = RealignConfig(**SMALL)  # sampled, seeded per example
+    real = hinted.hinted_generate
+    calls = {"n": 0}
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(realign_stage, "hinted_generate", dies_on_second_shard)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, out)
+    assert not (out / "train.jsonl").exists()
+    calls["n"] = 10
+    realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, out)
+    assert calls["n"] == 12, "the finished shard was reused: two batches left (shards of 2 and 1)"
+    monkeypatch.setattr(realign_stage, "hinted_generate", real)
+    realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, tmp_path / "fresh")
+    assert (out / "records.jsonl").read_text() == (tmp_path / "fresh" / "records.jsonl").read_text()
