@@ -112,6 +112,24 @@ def realign(
         run_realign(p.realign, p.paths, p.tracking, variant, input, output)
 
 
+@app.command()
+def train(
+    run: Annotated[str, typer.Option(help="<method>-<data>: method in sft, dft, eaft, idft, dpo, simpo; data in original, self_distill, hinted.")] = "idft-original",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train one method on one data choice with TRL (IDFT: paper Sec. 5) and save a plain HF model.
+
+    Writes <paths.train>/<run>/model, metrics.json and summary.json; resumes from its last
+    checkpoint after a kill. Settings under `train:` in params.yaml (idft, preference, lora blocks).
+    """
+    from onpolicy_core.stages.train import run_train
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_train(p.train, p.paths, p.tracking, run)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -222,6 +222,146 @@ class RealignConfig:
 
 
 @dataclass
+class IDFTConfig:
+    """IDFT (paper Sec. 5): w_t = p_t ** gamma_t, gamma from phi_t = log p_t + H_t. Official defaults."""
+
+    beta: float = 1.0
+    """Temperature of gamma_raw = exp(-phi / beta)."""
+    gamma_min: float = 0.1
+    """Lower clamp of gamma_raw."""
+    gamma_max: float = 2.0
+    """Upper clamp of gamma_raw."""
+    warmup_ratio: float = 0.2
+    """Share of training with lambda = 0 (plain DFT)."""
+    transition_ratio: float = 0.1
+    """Share of training over which lambda ramps linearly to 1."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0 or not 0 < self.gamma_min <= self.gamma_max:
+            raise ConfigError("train.idft needs beta > 0 and 0 < gamma_min <= gamma_max")
+        if self.warmup_ratio < 0 or self.transition_ratio < 0 or self.warmup_ratio + self.transition_ratio > 1:
+            raise ConfigError("train.idft needs warmup_ratio, transition_ratio >= 0 with a sum <= 1")
+
+
+@dataclass
+class PreferenceConfig:
+    """DPO / SimPO pairs from base-model samples graded by math-verify (the DFT paper's recipe)."""
+
+    samples_per_prompt: int = 4
+    """Samples drawn per training prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Sampling nucleus mass."""
+    max_new_tokens: int = 128
+    """Longest sample."""
+    no_correct: str = "reference"
+    """When no sample is correct: 'reference' (the reference solution is chosen) or 'skip'."""
+    dpo_beta: float = 0.1
+    """DPO beta (strength of the KL anchor to the reference model)."""
+    dpo_loss_type: str = "sigmoid"
+    """TRL DPO loss type; sigmoid is the original DPO loss."""
+    simpo_beta: float = 2.0
+    """SimPO beta (reward scale)."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+    cpo_alpha: float = 0.0
+    """NLL term of TRL's CPO trainer; 0 makes it pure SimPO."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError("train.preference.samples_per_prompt must be >= 2")
+        if self.no_correct not in ("reference", "skip"):
+            raise ConfigError("train.preference.no_correct must be 'reference' or 'skip'")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA with peft instead of full fine-tuning."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (lora_alpha)."""
+    dropout: float = 0.05
+    """Adapter dropout."""
+    target_modules: str = "all-linear"
+    """Modules that get adapters (peft syntax)."""
+    merge: bool = True
+    """Merge the adapters into the base weights when saving (a plain HF model folder)."""
+
+
+TRAIN_METHODS = ("sft", "dft", "eaft", "idft", "dpo", "simpo")
+TRAIN_DATA = ("original", "self_distill", "hinted")
+
+
+def parse_run(name: str) -> tuple[str, str]:
+    """'idft-hinted' -> ('idft', 'hinted'), checked against the known methods and data choices."""
+    method, _, data = name.partition("-")
+    if method not in TRAIN_METHODS or data not in TRAIN_DATA:
+        raise ConfigError(f"train run {name!r} must be <method>-<data> with method in {TRAIN_METHODS} and data in {TRAIN_DATA}")
+    return method, data
+
+
+@dataclass
+class TrainConfig:
+    """Training (TRL): IDFT and the SFT, DFT, EAFT, DPO and SimPO baselines."""
+
+    runs: list[str] = field(default_factory=lambda: ["sft-original", "dft-original", "idft-original", "idft-hinted"])
+    """Method x data combinations trained by `dvc repro` (one DVC stage each): <method>-<data>."""
+    learning_rate: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    lr_scheduler: str = "cosine"
+    """transformers scheduler name."""
+    warmup_ratio: float = 0.0
+    """Share of steps of learning-rate warm-up (not IDFT's lambda warm-up)."""
+    epochs: float = 1.0
+    """Passes over the training data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: use epochs)."""
+    batch_size: int = 4
+    """Sequences per device per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 512
+    """Longest tokenised prompt + response; longer ones are truncated."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory."""
+    precision: str = "auto"
+    """'auto' (bf16 on a GPU that supports it, else fp32), 'bf16' or 'fp32'."""
+    seed: int = 0
+    """Seed of data order and initialisation of new weights."""
+    save_steps: int = 50
+    """Checkpoint every this many steps (for resume after a kill)."""
+    save_total_limit: int = 2
+    """Checkpoints kept."""
+    logging_steps: int = 1
+    """Log every this many steps."""
+    log_model: bool = True
+    """Log the saved model folder to MLflow as artifacts."""
+    idft: IDFTConfig = field(default_factory=IDFTConfig)
+    """IDFT settings."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """DPO / SimPO settings."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings."""
+
+    def __post_init__(self) -> None:
+        for run in self.runs:
+            parse_run(run)
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError("train.precision must be 'auto', 'bf16' or 'fp32'")
+        if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("train.learning_rate, batch_size and gradient_accumulation_steps must be positive")
+
+
+@dataclass
 class PathsConfig:
     """Where stages write; `dvc.yaml` reads the same keys through `${paths.*}`."""
 
@@ -233,6 +373,8 @@ class PathsConfig:
     """One folder per scored corpus (e.g. score/original)."""
     realign: str = "artifacts/realign"
     """One folder per Hinted Decoding variant (realign/self_distill, realign/hinted)."""
+    train: str = "artifacts/train"
+    """One folder per training run (train/<method>-<data>/model)."""
 
 
 @dataclass
@@ -257,6 +399,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     realign: RealignConfig = field(default_factory=RealignConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

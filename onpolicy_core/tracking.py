@@ -46,6 +46,10 @@ class StageRun:
         if self._mlflow:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow:
+            self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
     def log_dict(self, obj: dict, name: str) -> None:
         if self._mlflow:
             self._mlflow.log_dict(obj, name)

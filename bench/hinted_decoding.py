@@ -1,0 +1,105 @@
+"""Benchmark: Hinted Decoding on real GSM8K train problems with the embedded model, in one run.
+
+  (a) official   batch 1, two model copies, no KV cache: the whole prefix of both streams is
+                 recomputed at every step (the official demo's default control flow)
+  (b) kv-cache   the same batch-1 loop with a KV cache per stream
+  (c) batched    `onpolicy_core.hinted.hinted_generate`: one model, hinted and plain rows of one
+                 batch, shared KV cache, finished pairs leave the batch
+
+Greedy decoding with EOS and the repetition guard off, so every problem generates exactly
+--new-tokens tokens and all methods do the same work (their outputs are compared token by token).
+The slow batch-1 methods run on the first --n-reference problems; tokens/s is a rate, so the
+ratios compare like with like. Each method runs in its own process (peak RSS is its own).
+
+    .venv/bin/python bench/hinted_decoding.py --n 16 --n-reference 2 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from ddt_scoring import GSM8K_TRAIN, model_dir, rss_mb  # noqa: E402
+
+
+def prompts(n: int, tokenizer):
+    from onpolicy_core.config import DataConfig, FieldMap
+    from onpolicy_core.data.sources import load_source
+    from onpolicy_core.prompts import render_hinted_prompt, render_prompt
+
+    cfg = DataConfig(source=str(GSM8K_TRAIN), format="gsm8k", fields=FieldMap(question="question", solution="answer", answer=None))
+    problems = load_source(str(GSM8K_TRAIN), cfg).problems[:n]
+    hinted = [tokenizer(render_hinted_prompt(tokenizer, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
+    plain = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    return hinted, plain
+
+
+def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dict:
+    import copy
+
+    import torch
+
+    from onpolicy_core.hinted import DecodeOptions, hinted_generate, reference_generate
+    from onpolicy_core.models import load_materialised
+
+    model, tok = load_materialised(folder)
+    hinted, plain = prompts(n, tok)
+    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=new_tokens, answer_marker="\\boxed{",
+                         repetition_check_every=10**9)
+    plain_model = copy.deepcopy(model) if method == "official" else model
+    hinted_generate(model, [hinted[0][:16]], [plain[0][:16]], DecodeOptions(greedy=True, max_new_tokens=2), [], tok.decode)
+    base = rss_mb()
+    start = time.perf_counter()
+    if method == "batched":
+        outs = []
+        for i in range(0, n, batch):
+            outs += hinted_generate(model, hinted[i : i + batch], plain[i : i + batch], opts, [], tok.decode, tok.pad_token_id)
+    else:
+        outs = [reference_generate(model, plain_model, h, p, opts, [], tok.decode, use_cache=(method == "kv-cache"))
+                for h, p in zip(hinted, plain)]
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"method": method, "problems": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+            "peak_mb": rss_mb(), "above_model_mb": rss_mb() - base, "ids": [o.token_ids for o in outs],
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="problems for the batched generator")
+    parser.add_argument("--n-reference", type=int, default=2, help="problems for the slow batch-1 methods")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16, help="pairs per batch of the batched generator")
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "N", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, n, folder = args.worker
+        print(json.dumps(worker(method, int(n), args.new_tokens, args.batch, folder)))
+        return
+    folder = str(model_dir())
+    results = {}
+    for method, n in (("official", args.n_reference), ("kv-cache", args.n_reference), ("batched", args.n)):
+        cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--batch", str(args.batch), "--worker", method, str(n), folder]
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        results[method] = r
+        print(f"{method:9s} {r['problems']:3d} problems: {r['tok_s']:7.1f} tok/s  peak {r['peak_mb']:6.0f} MB "
+              f"(+{r['above_model_mb']:4.0f} MB over one loaded model)", flush=True)
+    ref = results["official"]
+    common = args.n_reference
+    same = all(results[m]["ids"][:common] == ref["ids"][:common] for m in results)
+    print(f"\nGSM8K train, SmolLM2-135M-Instruct float32, greedy, {args.new_tokens} new tokens, CPU threads {ref['threads']}; "
+          f"identical tokens on the shared problems: {same}")
+    for m in ("kv-cache", "batched"):
+        r = results[m]
+        print(f"{m} / official: {r['tok_s'] / ref['tok_s']:.1f}x tokens/s, {r['peak_mb'] / ref['peak_mb']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()

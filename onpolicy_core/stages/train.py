@@ -1,0 +1,199 @@
+"""Stage `train`: one <method>-<data> run on TRL, saved as a plain HF model folder.
+
+Methods dispatch through `TRAINERS`, a plain dict: sft/dft/eaft/idft share the token-weighted
+`SFTTrainer` subclass; dpo uses TRL's `DPOTrainer`; simpo uses TRL's `CPOTrainer` with
+loss_type='simpo' and cpo_alpha=0. Checkpoints live outside the DVC output, so a killed run resumes
+from its last checkpoint (optimizer, scheduler, step and so IDFT's lambda schedule included).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from onpolicy_core.config import PathsConfig, TrackingConfig, TrainConfig, parse_run, to_dict
+from onpolicy_core.grading import grade
+from onpolicy_core.io import atomic_dir, read_jsonl, write_json
+from onpolicy_core.losses import IDFTParams
+from onpolicy_core.models import load_materialised
+from onpolicy_core.prompts import render_prompt
+from onpolicy_core.records import Problem
+from onpolicy_core.tracking import stage_run
+from onpolicy_core.training.preference import build_pairs
+from onpolicy_core.training.sft import TokenWeightedSFTTrainer
+
+log = logging.getLogger(__name__)
+
+
+def data_path(paths: PathsConfig, data: str) -> Path:
+    """Training records of a data choice: the data stage's split or a Hinted Decoding variant."""
+    return Path(paths.data) / "train.jsonl" if data == "original" else Path(paths.realign) / data / "train.jsonl"
+
+
+def _precision(cfg: TrainConfig) -> dict:
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return {"bf16": bf16, "fp16": False}
+
+
+def _common_args(cfg: TrainConfig, out: Path, tracking: TrackingConfig) -> dict:
+    """TrainingArguments shared by every method; every default that changes the math is explicit."""
+    return dict(
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=["mlflow"] if tracking.enabled else [],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        **_precision(cfg),
+    )
+
+
+def _peft_config(cfg: TrainConfig):
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def _sft_trainer(method: str, cfg: TrainConfig, model, tokenizer, problems: list[Problem], out: Path, tracking: TrackingConfig, summary: dict):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + (tokenizer.eos_token or "")} for p in problems]
+    args = SFTConfig(**_common_args(cfg, out, tracking), max_length=cfg.max_length, completion_only_loss=True,
+                     loss_type="nll", packing=False)
+    i = cfg.idft
+    summary["examples"] = len(rows)
+    return TokenWeightedSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        peft_config=_peft_config(cfg), method=method,
+        idft=IDFTParams(i.beta, i.gamma_min, i.gamma_max), idft_warmup_ratio=i.warmup_ratio, idft_transition_ratio=i.transition_ratio,
+    )
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], n: int, temperature: float, top_p: float,
+                     max_new_tokens: int, seed: int, batch_size: int = 8) -> list[list[str]]:
+    """`n` sampled responses per prompt from `model` (HF generate, left padding)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    out: list[list[str]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling preference candidates", unit="batch"):
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.extend(texts[i : i + n] for i in range(0, len(texts), n))
+    return out
+
+
+def _preference_dataset(model, tokenizer, problems: list[Problem], cfg: TrainConfig, summary: dict):
+    from datasets import Dataset
+
+    pc = cfg.preference
+    prompts = [render_prompt(tokenizer, p.question) for p in problems]
+    samples = sample_responses(model, tokenizer, prompts, pc.samples_per_prompt, pc.temperature, pc.top_p, pc.max_new_tokens, cfg.seed)
+    correct = [[grade(t, p.answer).correct for t in texts] for texts, p in zip(samples, problems)]
+    pairs, counts = build_pairs(samples, correct, [p.solution for p in problems], pc.no_correct)
+    summary["pairs"] = len(pairs)
+    summary["pair_outcomes"] = dict(counts)
+    summary["sample_accuracy"] = sum(map(sum, correct)) / max(1, sum(map(len, correct)))
+    if not pairs:
+        raise ValueError(f"no preference pairs could be built ({dict(counts)}); try more samples_per_prompt or no_correct='reference'")
+    eos = tokenizer.eos_token or ""
+    return Dataset.from_list([{"prompt": prompts[q.index], "chosen": q.chosen + eos, "rejected": q.rejected + eos} for q in pairs])
+
+
+def _dpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary):
+    from trl import DPOConfig, DPOTrainer
+
+    dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
+    args = DPOConfig(**_common_args(cfg, out, tracking), beta=cfg.preference.dpo_beta,
+                     loss_type=[cfg.preference.dpo_loss_type], max_length=cfg.max_length)
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg))
+
+
+def _simpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
+    pc = cfg.preference
+    args = CPOConfig(**_common_args(cfg, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha, beta=pc.simpo_beta,
+                     simpo_gamma=pc.simpo_gamma, max_length=cfg.max_length)
+    return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg))
+
+
+TRAINERS = {
+    "sft": _sft_trainer,
+    "dft": _sft_trainer,
+    "eaft": _sft_trainer,
+    "idft": _sft_trainer,
+    "dpo": _dpo_trainer,
+    "simpo": _simpo_trainer,
+}
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, run: str) -> dict:
+    """Train `run` ('<method>-<data>'); write <paths.train>/<run>/model and metrics.json."""
+    method, data = parse_run(run)
+    out = Path(paths.train) / run
+    checkpoints = Path(paths.train) / ".checkpoints" / run
+    problems = [Problem.from_dict(r) for r in read_jsonl(data_path(paths, data))]
+    config = {"train": to_dict(cfg), "run": run, "method": method, "data": data}
+    with stage_run("train", config, tracking, run_name=f"train-{run}") as handle:
+        handle.set_tags({"onpolicy.method": method, "onpolicy.data": data})
+        model, tokenizer = load_materialised(paths.model)
+        summary: dict = {"run": run, "method": method, "data": data}
+        trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
+        resume = _last_checkpoint(checkpoints)
+        if resume:
+            log.info("resuming %s from %s", run, resume)
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        summary.update(resumed_from=resume, steps=trainer.state.global_step, train_loss=result.training_loss,
+                       seconds=round(time.perf_counter() - start, 1),
+                       loss_history=[e["loss"] for e in trainer.state.log_history if "loss" in e])
+        trained = trainer.model
+        if cfg.lora.enabled and cfg.lora.merge:
+            trained = trained.merge_and_unload()
+        with atomic_dir(out / "model") as tmp:
+            trained.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "onpolicy_train.json", config)
+        write_json(out / "metrics.json", {k: v for k, v in summary.items() if k != "loss_history"})
+        write_json(out / "summary.json", summary)
+        handle.log_metrics({"final_train_loss": result.training_loss, "steps": trainer.state.global_step})
+        handle.log_artifact(out / "summary.json")
+        if cfg.log_model:
+            handle.log_artifacts(out / "model", artifact_path="model")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        log.info("train %s: %d steps, loss %.4f -> %s", run, trainer.state.global_step, result.training_loss, out / "model")
+    return summary
