@@ -53,9 +53,9 @@ def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dic
     hinted, plain = prompts(n, tok)
     opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=new_tokens, answer_marker="\\boxed{",
                          repetition_check_every=10**9)
-    plain_model = copy.deepcopy(model) if method == "official" else model
     hinted_generate(model, [hinted[0][:16]], [plain[0][:16]], DecodeOptions(greedy=True, max_new_tokens=2), [], tok.decode)
-    base = rss_mb()
+    base = rss_mb()  # one loaded, warmed-up model
+    plain_model = copy.deepcopy(model) if method == "official" else model
     start = time.perf_counter()
     if method == "batched":
         outs = []

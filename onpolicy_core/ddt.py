@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 from trl.trainer.utils import selective_log_softmax_and_entropy
+
+MIN_SHARED_PREFIX = 8
 
 
 @dataclass
@@ -32,6 +35,15 @@ class TokenScores:
     @property
     def phi(self) -> torch.Tensor:
         return self.logp + self.entropy
+
+
+def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return n
 
 
 def _lm_head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -59,8 +71,8 @@ def score_batch(
     """Teacher-forced log p, entropy (and so phi) of every response token, for a batch of pairs.
 
     Rows are right-padded: with causal attention, padding after a sequence cannot change the
-    scores of its own tokens, so a pair scores the same alone or in any batch. A response of zero
-    tokens gets empty tensors.
+    scores of its own tokens, so a pair scores the same alone or in any batch (up to float
+    rounding). A shared prompt prefix is run once. A response of zero tokens gets empty tensors.
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError("prompt_ids and response_ids differ in length")
@@ -68,22 +80,38 @@ def score_batch(
         raise ValueError("every prompt needs at least one token (the first response token needs a context)")
     # The last response token predicts nothing, so it is not fed.
     inputs = [list(p) + list(r)[:-1] for p, r in zip(prompt_ids, response_ids)]
-    width = max(len(x) for x in inputs)
+    # Prompts share the chat template's header (system prompt and all): its keys and values are
+    # computed once and reused by every row. It stops one token short of the shortest prompt, whose
+    # last position must be run to predict the first response token.
+    shared = min(_common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1)
+    shared = shared if shared >= MIN_SHARED_PREFIX and len(inputs) > 1 else 0
+    width = max(len(x) for x in inputs) - shared
     device = next(model.parameters()).device
     input_ids = torch.full((len(inputs), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(inputs), width), dtype=torch.long)
     targets = torch.full((len(inputs), width), -100, dtype=torch.long)
     for row, (p, r, x) in enumerate(zip(prompt_ids, response_ids, inputs)):
-        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-        attention[row, : len(x)] = 1
-        if r:  # position len(p)-1+j predicts response token j
-            targets[row, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(list(r), dtype=torch.long)
+        rest = x[shared:]
+        input_ids[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+        attention[row, : len(rest)] = 1
+        if r:  # position len(p)-1+j (of the full row) predicts response token j
+            start = len(p) - 1 - shared
+            targets[row, start : start + len(r)] = torch.tensor(list(r), dtype=torch.long)
     mask = targets != -100
     out_logp = torch.zeros(int(mask.sum()), dtype=torch.float32)
     out_entropy = torch.zeros_like(out_logp)
     if mask.any():
+        backbone_kwargs: dict = {"use_cache": False}
+        if shared:
+            cache = DynamicCache(config=model.config)
+            model.base_model(input_ids=torch.tensor([list(prompt_ids[0][:shared])], device=device),
+                             past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(inputs))
+            attention = torch.cat([torch.ones((len(inputs), shared), dtype=torch.long), attention], dim=1)
+            positions = torch.arange(shared, shared + width).expand(len(inputs), width)
+            backbone_kwargs = {"past_key_values": cache, "use_cache": True, "position_ids": positions.to(device)}
         hidden = model.base_model(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), **backbone_kwargs
         ).last_hidden_state
         selected = hidden[mask.to(device)]
         labels = targets[mask].to(device)

@@ -219,6 +219,7 @@ def _interleave_caches(model, hint_cache, plain_cache, hint_mask, plain_mask):
     merged = DynamicCache(config=model.config)
     for index, (h, p) in enumerate(zip(hint_cache.layers, plain_cache.layers)):
         merged.update(pair(h.keys, p.keys, 2), pair(h.values, p.values, 2), index)
+        h.keys = h.values = p.keys = p.values = None  # free each source layer as soon as it is merged
     return merged, pair(hint_mask, plain_mask, 1)
 
 
@@ -245,6 +246,7 @@ def hinted_generate(
     hint_logits, hint_cache, hint_mask, hint_pos = _prefill(model, hinted_prompts, pad_token_id, device)
     plain_logits, plain_cache, plain_mask, plain_pos = _prefill(model, plain_prompts, pad_token_id, device)
     cache, attention = _interleave_caches(model, hint_cache, plain_cache, hint_mask, plain_mask)
+    del hint_cache, plain_cache
     positions = torch.stack([hint_pos, plain_pos], dim=1).reshape(2 * n, 1)
     out = _Logits(torch.stack([hint_logits, plain_logits], dim=1).reshape(2 * n, 1, -1))
     active = list(range(n))  # pair index of each live pair, in batch order

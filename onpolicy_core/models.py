@@ -103,8 +103,9 @@ def save_folder(model, tokenizer, out: Path, provenance: dict) -> None:
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 
-def load_materialised(folder: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a folder written by the `model` stage, in eval mode."""
+def load_materialised(folder: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from a folder written by the `model` stage, in eval mode, on `device`
+    ('auto': the GPU when there is one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -113,4 +114,8 @@ def load_materialised(folder: str | Path, dtype: str = "float32"):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype))
     model.eval()
-    return model, tokenizer
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device), tokenizer

@@ -209,7 +209,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
     opts = decode_options(cfg, variant)
     config = {"realign": to_dict(cfg), "variant": variant, "resolved_decoding": to_dict(opts), "input": str(input_path)}
     with stage_run("realign", config, tracking, run_name=f"realign-{variant}") as run:
-        model, tokenizer = load_materialised(paths.model)
+        model, tokenizer = load_materialised(paths.model, device="auto")
         provenance = Path(paths.model) / "onpolicy_model.json"
         fingerprint = {"config": config, "input": hashlib.sha256(input_path.read_bytes()).hexdigest(),
                        "model": provenance.read_text() if provenance.exists() else str(paths.model)}

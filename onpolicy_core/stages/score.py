@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from onpolicy_core import ddt
@@ -44,10 +43,6 @@ def _read_scorable(path: Path, response_field: str) -> list[dict]:
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _device(model: torch.nn.Module) -> torch.nn.Module:
-    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, response_field: str = "solution",
@@ -195,8 +190,7 @@ def run_score(
     name = out.name
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
     with stage_run("score", config, tracking, run_name=f"score-{name}") as run:
-        model, tokenizer = load_materialised(paths.model)
-        model = _device(model)
+        model, tokenizer = load_materialised(paths.model, device="auto")
         provenance = (Path(paths.model) / "onpolicy_model.json")
         fingerprint = {
             "score": to_dict(cfg),
