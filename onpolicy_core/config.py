@@ -130,7 +130,7 @@ class ScoreConfig:
     """tau: the temperature of the model distribution that phi is measured against."""
     max_tokens_per_batch: int = 4096
     """Token budget (prompt + response, padded) of one forward pass; examples are sorted by length."""
-    max_batch_size: int = 16
+    max_batch_size: int = 8
     """Most examples in one forward pass."""
     chunk_size: int = 256
     """Response positions per LM-head chunk, bounding the vocabulary-sized temporaries."""

@@ -21,7 +21,7 @@ def _cli(*args, cwd=ROOT, env=None):
 
 def test_cli_lists_every_stage():
     out = _cli("--help").stdout
-    for stage in ("model", "data", "score"):
+    for stage in ("model", "data", "score", "realign", "train"):
         assert f" {stage} " in out
     assert "--thresholds" not in _cli("score", "--help").stdout  # settings live in params.yaml ...
     assert "select_top_k" in _cli("score", "--help").stdout  # ... and the help names them
@@ -68,7 +68,8 @@ def test_prefect_flow_runs_dvc_stages_and_dvc_skips_unchanged_ones(project, pref
     from flows.pipeline import pipeline, stage_order
 
     order = stage_order(project)
-    assert order.index("model") < order.index("score_original") and order.index("data") < order.index("score_original")
+    assert order.index("model") < order.index("realign@hinted") < order.index("score@hinted") < order.index("train@idft-hinted")
+    assert order.index("data") < order.index("score@original")
     first = pipeline(project_dir=str(project), stages=["data"])
     assert first[0]["stage"] == "data"
     outs = first[0]["outs"]

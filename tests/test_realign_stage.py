@@ -30,12 +30,18 @@ def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_di
     plain_ids = [tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
     assert len({len(h) for h in hinted_ids}) == 3, "mixed prompt lengths, so left padding is exercised"
     decode = lambda ids: tok.decode(ids)  # noqa: E731
+    switches = []
     for beta in (0.0, 0.6):
-        opts = hinted.DecodeOptions(beta=beta, greedy=True, max_new_tokens=20, answer_marker="\\boxed{")
+        opts = hinted.DecodeOptions(beta=beta, greedy=True, max_new_tokens=40, answer_marker="\\boxed{")
         batched = hinted.hinted_generate(model, hinted_ids, plain_ids, opts, [tok.eos_token_id], decode, pad_token_id=tok.pad_token_id)
         for h, p, got in zip(hinted_ids, plain_ids, batched):
-            ref = hinted.reference_generate(model, model, h, p, opts, [tok.eos_token_id], decode)
+            # batch 1 with a per-stream cache; its equality with the no-cache loop is
+            # tests/test_hinted.py::test_batched_greedy_equals_the_batch1_no_cache_reference
+            ref = hinted.reference_generate(model, model, h, p, opts, [tok.eos_token_id], decode, use_cache=True)
             assert got.token_ids == ref.token_ids and got.finish_reason == ref.finish_reason
+            assert got.switched_at == ref.switched_at
+            switches.append(got.switched_at)
+    assert any(at is not None for at in switches), "the answer-marker switch is exercised"
 
 
 def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embedded_model_dir):
