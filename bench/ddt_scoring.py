@@ -70,12 +70,7 @@ def worker(method: str, n: int, batch_size: int, folder: str) -> dict:
     if method == "official":
         phis = [ddt.reference_scores(model, p, r).phi for p, r in data]
     else:
-        lengths = [len(p) + len(r) for p, r in data]
-        phis = [None] * len(data)
-        for batch in ddt.length_batches(lengths, max_tokens=10**9, max_batch_size=batch_size):
-            out = ddt.score_batch(model, [data[i][0] for i in batch], [data[i][1] for i in batch], chunk_size=256)
-            for i, s in zip(batch, out):
-                phis[i] = s.phi
+        phis = [t.phi for t in ddt.score_pairs(model, data, max_tokens_per_batch=10**9, max_batch_size=batch_size)]
     seconds = time.perf_counter() - start
     mean_phi = float(torch.cat(phis).mean())
     return {"method": method, "batch": batch_size, "tokens": tokens, "seconds": seconds,

@@ -160,6 +160,30 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int)
     return batches
 
 
+def score_pairs(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    max_tokens_per_batch: int = 4096,
+    max_batch_size: int = 8,
+    pad_token_id: int = 0,
+    on_batch=None,
+) -> list[TokenScores]:
+    """`score_batch` over any number of (prompt, response) pairs, batched by length; results in
+    input order. `on_batch(n_examples, n_tokens)` is called after each batch (progress bars)."""
+    out: list[TokenScores | None] = [None] * len(pairs)
+    lengths = [len(p) + len(r) for p, r in pairs]
+    for batch in length_batches(lengths, max_tokens_per_batch, max_batch_size):
+        scores = score_batch(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch],
+                             temperature=temperature, chunk_size=chunk_size, pad_token_id=pad_token_id)
+        for i, s in zip(batch, scores):
+            out[i] = s
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(pairs[i][1]) for i in batch))
+    return out  # type: ignore[return-value]
+
+
 def example_stats(scores: TokenScores, thresholds: Sequence[float]) -> dict[str, float | int | None]:
     """Per-example summary: mean/sum phi, token count, share of tokens with phi > 0 and > each threshold.
     A response of zero tokens has n_tokens 0 and None for every mean and share."""

@@ -41,3 +41,4 @@ def test_tasks_and_flows_only_sequence_stages():
     for folder in ("tasks", "flows"):
         for path in (ROOT / folder).rglob("*.py"):
             assert not _hits(_imports(path), {"torch", "transformers", "onpolicy_core.ddt"}), path
+

@@ -10,6 +10,7 @@ Writes, under `<paths.realign>/<variant>/`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -38,21 +39,12 @@ def decode_options(cfg: RealignConfig, variant: str) -> DecodeOptions:
     """The decoding options of a variant: 'self_distill' is linear mixing with beta 0 (pure hinted)."""
     if variant not in REALIGN_VARIANTS:
         raise ValueError(f"variant must be one of {REALIGN_VARIANTS}, got {variant!r}")
-    self_distill = variant == "self_distill"
-    return DecodeOptions(
-        beta=0.0 if self_distill else cfg.beta,
-        lambda_mode="linear" if self_distill else cfg.lambda_mode,
-        sigmoid_center=cfg.sigmoid_center,
-        piecewise_bounds=(cfg.piecewise_bounds[0], cfg.piecewise_bounds[1]),
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        greedy=cfg.greedy,
-        max_new_tokens=cfg.max_new_tokens,
-        answer_marker=cfg.answer_marker,
-        repetition_window=cfg.repetition_window,
-        repetition_count=cfg.repetition_count,
-        repetition_check_every=cfg.repetition_check_every,
-    )
+    # DecodeOptions (algorithm layer) has the same field names as RealignConfig's decoding fields.
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodeOptions)}
+    options["piecewise_bounds"] = tuple(cfg.piecewise_bounds)
+    if variant == "self_distill":
+        options.update(beta=0.0, lambda_mode="linear")
+    return DecodeOptions(**options)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -149,13 +141,8 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
 
 def _avg_phi(model, tokenizer, problems: list[Problem], responses: list[str]) -> list[float | None]:
     pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p.question), r) for p, r in zip(problems, responses)]
-    out: list[float | None] = [None] * len(pairs)
-    for batch in ddt.length_batches([len(a) + len(b) for a, b in pairs], max_tokens=4096, max_batch_size=4):
-        scores = ddt.score_batch(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch],
-                                 pad_token_id=tokenizer.pad_token_id or 0)
-        for i, s in zip(batch, scores):
-            out[i] = float(s.phi.mean()) if s.phi.numel() else None
-    return out
+    scores = ddt.score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id or 0)
+    return [float(s.phi.mean()) if s.phi.numel() else None for s in scores]
 
 
 def apply_policy(rows: list[dict], policy: str) -> list[dict]:

@@ -62,30 +62,26 @@ def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, resp
             bar.update(len(chunk))
             continue
         pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p["question"]), p[response_field]) for p in chunk]
-        lengths = [len(a) + len(b) for a, b in pairs]
-        shard_rows: list[dict | None] = [None] * len(chunk)
-        for batch in ddt.length_batches(lengths, cfg.max_tokens_per_batch, cfg.max_batch_size):
-            scores = ddt.score_batch(
-                model,
-                [pairs[i][0] for i in batch],
-                [pairs[i][1] for i in batch],
-                temperature=cfg.temperature,
-                chunk_size=cfg.chunk_size,
-                pad_token_id=tokenizer.pad_token_id or 0,
-            )
-            for i, s in zip(batch, scores):
-                response = pairs[i][1]
-                shard_rows[i] = {
-                    "id": chunk[i]["id"],
-                    **ddt.example_stats(s, cfg.thresholds),
-                    "phi": [round(float(v), 5) for v in s.phi],
-                    "logp": [round(float(v), 5) for v in s.logp],
-                    "entropy": [round(float(v), 5) for v in s.entropy],
-                    "tokens": tokenizer.convert_ids_to_tokens(response),
-                }
-                tokens_done += len(response)
-            bar.update(len(batch))
+
+        def progress(n_examples: int, n_tokens: int) -> None:
+            nonlocal tokens_done
+            tokens_done += n_tokens
+            bar.update(n_examples)
             bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - start, 1e-9):.0f}")
+
+        scores = ddt.score_pairs(model, pairs, cfg.temperature, cfg.chunk_size, cfg.max_tokens_per_batch,
+                                 cfg.max_batch_size, tokenizer.pad_token_id or 0, on_batch=progress)
+        shard_rows = [
+            {
+                "id": p["id"],
+                **ddt.example_stats(s, cfg.thresholds),
+                "phi": [round(float(v), 5) for v in s.phi],
+                "logp": [round(float(v), 5) for v in s.logp],
+                "entropy": [round(float(v), 5) for v in s.entropy],
+                "tokens": tokenizer.convert_ids_to_tokens(response),
+            }
+            for p, s, (_, response) in zip(chunk, scores, pairs)
+        ]
         if shards is not None:
             shards.write(shard_index, shard_rows)
         rows.extend(shard_rows)
