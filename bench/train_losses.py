@@ -86,7 +86,7 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
 
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps + 1, per_device_train_batch_size=batch, learning_rate=1e-5,
                      logging_steps=1000, save_strategy="no", report_to=[], max_length=512, completion_only_loss=True,
-                     loss_type="nll", dataloader_num_workers=0, disable_tqdm=True, seed=0)
+                     loss_type="nll", dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False)
     cls = naive_idft_trainer_class() if method == "idft-naive" else TokenWeightedSFTTrainer
     trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                   method="sft" if method == "nll" else method.replace("-naive", ""), callbacks=[Clock()],
