@@ -91,6 +91,9 @@ def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "idft/phi_median", "idft/gamma_std",
                 "idft/phi_bin_9_ratio", "idft/gamma_bin_0_ratio"):
         assert f"metrics.{key}" in metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert {"diagnostics.png", "summary.json", "config.json"} <= artifacts
+    assert (tmp_path / "train" / "idft-original" / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_killed_training_resumes_at_the_same_step_and_lambda(tiny_project, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import torch
 
 from onpolicy_core.config import PathsConfig, TrackingConfig, TrainConfig, parse_run, to_dict
 from onpolicy_core.grading import grade
-from onpolicy_core.io import atomic_dir, read_jsonl, write_json
+from onpolicy_core.io import atomic_dir, atomic_path, read_jsonl, write_json
 from onpolicy_core.losses import IDFTParams
 from onpolicy_core.models import load_materialised
 from onpolicy_core.prompts import render_prompt
@@ -155,6 +155,38 @@ TRAINERS = {
 }
 
 
+def plot_diagnostics(log_history: list[dict], path: Path, title: str, ranges: dict[str, tuple[float, float]]) -> bool:
+    """Loss curve and, for IDFT, the per-step 10-bin histograms of phi and gamma as heatmaps over
+    their value `ranges`. Returns False when there is nothing to plot."""
+    steps = [e for e in log_history if "loss" in e and "step" in e]
+    if not steps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [name for name in ("phi", "gamma") if f"idft/{name}_bin_0_ratio" in steps[0]]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 5 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
+    axes[0].plot([e["step"] for e in steps], [e["loss"] for e in steps], marker="o", ms=3)
+    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
+    for ax, name in zip(axes[1:], panels):
+        grid = np.array([[e[f"idft/{name}_bin_{b}_ratio"] for b in range(10)] for e in steps]).T
+        low, high = ranges[name]
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                          extent=(steps[0]["step"] - 0.5, steps[-1]["step"] + 0.5, low, high))
+        ax.set(title=f"{name}: share of tokens per bin", xlabel="step", ylabel=name)
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _last_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -192,6 +224,9 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
         write_json(out / "summary.json", summary)
         handle.log_metrics({"final_train_loss": result.training_loss, "steps": trainer.state.global_step})
         handle.log_artifact(out / "summary.json")
+        ranges = {"phi": (-3 * cfg.idft.beta, 3 * cfg.idft.beta), "gamma": (cfg.idft.gamma_min, cfg.idft.gamma_max)}
+        if plot_diagnostics(trainer.state.log_history, out / "diagnostics.png", f"{run}: loss and IDFT diagnostics", ranges):
+            handle.log_artifact(out / "diagnostics.png")
         if cfg.log_model:
             handle.log_artifacts(out / "model", artifact_path="model")
         shutil.rmtree(checkpoints, ignore_errors=True)
