@@ -103,6 +103,12 @@ def save_folder(model, tokenizer, out: Path, provenance: dict) -> None:
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 
+def model_identity(folder: str | Path) -> str:
+    """What a materialised folder holds (its provenance file), for resume fingerprints."""
+    provenance = Path(folder) / PROVENANCE_FILE
+    return provenance.read_text() if provenance.exists() else str(folder)
+
+
 def load_materialised(folder: str | Path, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a folder written by the `model` stage, in eval mode, on `device`
     ('auto': the GPU when there is one)."""

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 
 from onpolicy_core.config import ModelConfig, PathsConfig, TrackingConfig, to_dict
-from onpolicy_core.io import atomic_dir
+from onpolicy_core.io import atomic_dir, file_sha256
 from onpolicy_core.models import load_source, resolve_source, save_folder
 from onpolicy_core.tracking import stage_run
 
 log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_model(cfg: ModelConfig, paths: PathsConfig, tracking: TrackingConfig) -> Path:
@@ -41,7 +32,7 @@ def run_model(cfg: ModelConfig, paths: PathsConfig, tracking: TrackingConfig) ->
             "parameters": sum(p.numel() for p in model.parameters()),
         }
         if source.kind == "gguf":
-            provenance["gguf_sha256"] = _sha256(Path(source.location))
+            provenance["gguf_sha256"] = file_sha256(source.location)
         with atomic_dir(out) as tmp:
             save_folder(model, tokenizer, tmp, provenance)
         seconds = time.perf_counter() - start

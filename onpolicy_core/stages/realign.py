@@ -24,8 +24,8 @@ from onpolicy_core import ddt
 from onpolicy_core.config import REALIGN_VARIANTS, PathsConfig, RealignConfig, TrackingConfig, to_dict
 from onpolicy_core.grading import grade
 from onpolicy_core.hinted import DecodeOptions, hinted_generate
-from onpolicy_core.io import ShardedResults, read_jsonl, write_json, write_jsonl
-from onpolicy_core.models import load_materialised
+from onpolicy_core.io import ShardedResults, file_sha256, read_jsonl, write_json, write_jsonl
+from onpolicy_core.models import load_materialised, model_identity
 from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
 from onpolicy_core.records import REQUIRED_FIELDS, Problem
 from onpolicy_core.tracking import stage_run
@@ -197,9 +197,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
     config = {"realign": to_dict(cfg), "variant": variant, "resolved_decoding": to_dict(opts), "input": str(input_path)}
     with stage_run("realign", config, tracking, run_name=f"realign-{variant}") as run:
         model, tokenizer = load_materialised(paths.model, device="auto")
-        provenance = Path(paths.model) / "onpolicy_model.json"
-        fingerprint = {"config": config, "input": hashlib.sha256(input_path.read_bytes()).hexdigest(),
-                       "model": provenance.read_text() if provenance.exists() else str(paths.model)}
+        fingerprint = {"config": config, "input": file_sha256(input_path), "model": model_identity(paths.model)}
         shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
         start = time.perf_counter()
         rows = realign_records(model, tokenizer, problems, cfg, variant, shards)

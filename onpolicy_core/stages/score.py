@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -13,8 +12,8 @@ from tqdm import tqdm
 
 from onpolicy_core import ddt
 from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig, to_dict
-from onpolicy_core.io import InputError, ShardedResults, atomic_path, iter_jsonl, write_json, write_jsonl
-from onpolicy_core.models import load_materialised
+from onpolicy_core.io import InputError, ShardedResults, atomic_path, file_sha256, iter_jsonl, write_json, write_jsonl
+from onpolicy_core.models import load_materialised, model_identity
 from onpolicy_core.prompts import encode_pair, render_prompt
 from onpolicy_core.tracking import stage_run
 
@@ -39,10 +38,6 @@ def _read_scorable(path: Path, response_field: str) -> list[dict]:
     if not rows:
         raise InputError(f"{path}: no records to score")
     return rows
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, response_field: str = "solution",
@@ -187,11 +182,10 @@ def run_score(
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
     with stage_run("score", config, tracking, run_name=f"score-{name}") as run:
         model, tokenizer = load_materialised(paths.model, device="auto")
-        provenance = (Path(paths.model) / "onpolicy_model.json")
         fingerprint = {
             "score": to_dict(cfg),
-            "input_sha256": _file_sha256(input_path),
-            "model": provenance.read_text() if provenance.exists() else str(paths.model),
+            "input_sha256": file_sha256(input_path),
+            "model": model_identity(paths.model),
             "response_field": response_field,
         }
         shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
