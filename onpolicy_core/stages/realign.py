@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from onpolicy_core import ddt
 from onpolicy_core.config import REALIGN_VARIANTS, PathsConfig, RealignConfig, TrackingConfig, to_dict
+from onpolicy_core.generation import stop_token_ids
 from onpolicy_core.grading import grade
 from onpolicy_core.hinted import DecodeOptions, hinted_generate
 from onpolicy_core.io import ShardedResults, file_sha256, read_jsonl, write_json, write_jsonl
@@ -45,13 +46,6 @@ def decode_options(cfg: RealignConfig, variant: str) -> DecodeOptions:
     if variant == "self_distill":
         options.update(beta=0.0, lambda_mode="linear")
     return DecodeOptions(**options)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS of the tokenizer plus every EOS the generation config names (chat models often have two)."""
-    configured = model.generation_config.eos_token_id
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    return {t for t in [tokenizer.eos_token_id, *configured] if t is not None}
 
 
 def example_seed(seed: int, example_id: str) -> int:

@@ -203,7 +203,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     with stage_run("train", config, tracking, run_name=f"train-{run}") as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data})
         model, tokenizer = load_materialised(paths.model)
-        summary: dict = {"run": run, "method": method, "data": data}
+        summary: dict = {"run": run, "method": method, "data": data, "mlflow_run_id": handle.run_id}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
         resume = _last_checkpoint(checkpoints)
         if resume:
@@ -220,7 +220,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
             trained.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "onpolicy_train.json", config)
-        write_json(out / "metrics.json", {k: v for k, v in summary.items() if k != "loss_history"})
+        write_json(out / "metrics.json", {k: v for k, v in summary.items() if k not in ("loss_history", "mlflow_run_id")})
         write_json(out / "summary.json", summary)
         handle.log_metrics({"final_train_loss": result.training_loss, "steps": trainer.state.global_step})
         handle.log_artifact(out / "summary.json")

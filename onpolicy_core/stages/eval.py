@@ -1,0 +1,179 @@
+"""Stage `eval`: score one model (the base model or a trained run) on the configured benchmarks.
+
+Per benchmark: greedy accuracy, Avg@k and unbiased pass@k over k samples, mean response length,
+the share of responses with no extractable answer and the share cut off at max_new_tokens. Every
+response is kept in `records.parquet` for inspection. The MLflow run is nested under the model's
+training run, and the headline numbers are also logged on the training run itself, so a model and
+its scores sit together in the UI. Benchmarks are checkpointed one by one: a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from onpolicy_core.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PathsConfig,
+    TrackingConfig,
+    parse_run,
+    to_dict,
+)
+from onpolicy_core.data.benchmarks import load_benchmark
+from onpolicy_core.evaluation import avg_at_k, mean_pass_at_k, pass_ks
+from onpolicy_core.generation import (
+    Completion,
+    HFGenerator,
+    SamplingSpec,
+    VLLMGenerator,
+)
+from onpolicy_core.grading import grade, last_boxed
+from onpolicy_core.io import ShardedResults, atomic_path, write_json
+from onpolicy_core.models import load_materialised, model_identity
+from onpolicy_core.prompts import render_prompt
+from onpolicy_core.tracking import log_metrics_to, stage_run
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+def model_folder(paths: PathsConfig, name: str) -> Path:
+    """'base' is the materialised model; anything else is a training run's saved model."""
+    if name == BASE:
+        return Path(paths.model)
+    parse_run(name)
+    return Path(paths.train) / name / "model"
+
+
+def training_run_id(paths: PathsConfig, name: str) -> str | None:
+    """The MLflow run id the train stage recorded for `name` (None for the base model)."""
+    summary = Path(paths.train) / name / "summary.json"
+    if name == BASE or not summary.exists():
+        return None
+    return json.loads(summary.read_text()).get("mlflow_run_id")
+
+
+def make_generator(cfg: EvalConfig, folder: Path, model_cfg: ModelConfig):
+    if cfg.backend == "vllm":
+        from transformers import AutoTokenizer
+
+        v = cfg.vllm
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return VLLMGenerator(str(folder), tokenizer, dtype=model_cfg.dtype, seed=cfg.seed, tensor_parallel_size=v.tensor_parallel_size,
+                             gpu_memory_utilization=v.gpu_memory_utilization, cpu_kv_cache_gib=v.cpu_kv_cache_gib,
+                             max_model_len=v.max_model_len, enforce_eager=v.enforce_eager), tokenizer
+    model, tokenizer = load_materialised(folder, dtype=model_cfg.dtype, device="auto")
+    return HFGenerator(model, tokenizer, batch_size=cfg.batch_size), tokenizer
+
+
+def _rows(benchmark: str, problems, mode: str, completions: list[list[Completion]]) -> list[dict]:
+    rows = []
+    for problem, samples in zip(problems, completions):
+        for index, c in enumerate(samples):
+            g = grade(c.text, problem.answer)
+            rows.append({
+                "benchmark": benchmark, "problem_id": problem.id, "mode": mode, "sample": index, "gold": problem.answer,
+                "response": c.text, "boxed": last_boxed(c.text), "extracted": g.extracted, "correct": g.correct,
+                "n_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason,
+            })
+    return rows
+
+
+def evaluate_benchmark(generator, tokenizer, benchmark: str, problems, cfg: EvalConfig) -> list[dict]:
+    """Greedy and sampled responses to every problem, graded; one row per response."""
+    prompts = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    rows: list[dict] = []
+    passes = ([("greedy", SamplingSpec(1, 0.0, 1.0, cfg.max_new_tokens, cfg.seed))] if cfg.greedy else []) + (
+        [("sample", SamplingSpec(cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed))] if cfg.samples else [])
+    for mode, spec in passes:
+        with tqdm(total=len(prompts), desc=f"{benchmark} ({mode}{'' if mode == 'greedy' else f' x{spec.n}'})", unit="problem",
+                  dynamic_ncols=True) as bar:
+            rows.extend(_rows(benchmark, problems, mode, generator.generate(prompts, spec, progress=bar)))
+    return rows
+
+
+def benchmark_metrics(rows: list[dict], samples: int) -> dict:
+    """The numbers reported per benchmark (keys are valid MLflow metric names)."""
+    greedy = [r for r in rows if r["mode"] == "greedy"]
+    sampled: dict[str, list[bool]] = {}
+    for r in rows:
+        if r["mode"] == "sample":
+            sampled.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    out: dict[str, float] = {"problems": len({r["problem_id"] for r in rows})}
+    if greedy:
+        out["greedy_accuracy"] = sum(r["correct"] for r in greedy) / len(greedy)
+    if sampled:
+        matrix = list(sampled.values())
+        out["avg_at_k"] = avg_at_k(matrix)
+        for k in pass_ks(samples):
+            out[f"pass_at_{k}"] = mean_pass_at_k(matrix, k)
+    out["mean_response_tokens"] = sum(r["n_tokens"] for r in rows) / len(rows)
+    # math-verify falls back to the last number of a response; the prompt asks for \boxed{}, so a
+    # response without one has not given a final answer in the requested form.
+    out["no_answer_rate"] = sum(r["boxed"] is None for r in rows) / len(rows)
+    out["truncated_rate"] = sum(r["finish_reason"] == "length" for r in rows) / len(rows)
+    return out
+
+
+def _write_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+
+
+def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, model_cfg: ModelConfig, data_cfg: DataConfig,
+             name: str = BASE) -> dict:
+    """Evaluate model `name` ('base' or '<method>-<data>'); write <paths.eval>/<name>/{records.parquet,
+    metrics.json, summary.json} and return the metrics per benchmark."""
+    folder = model_folder(paths, name)
+    out = Path(paths.eval) / name
+    config = {"eval": to_dict(cfg), "model": name, "model_folder": str(folder)}
+    parent = training_run_id(paths, name)
+    with stage_run("eval", config, tracking, run_name=f"eval-{name}", parent_run_id=parent) as run:
+        run.set_tags({"onpolicy.model": name, "onpolicy.backend": cfg.backend})
+        loaded = {b: load_benchmark(b, cfg, Path(paths.data) / "eval.jsonl", data_cfg.arithmetic) for b in cfg.benchmarks}
+        fingerprint = {"config": to_dict(cfg), "model": model_identity(folder),
+                       "problems": {b: [p.id for p in problems] for b, (problems, _) in loaded.items()}}
+        shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
+        generator, tokenizer = make_generator(cfg, folder, model_cfg)
+        rows: list[dict] = []
+        start, generated = time.perf_counter(), 0
+        try:
+            for index, (benchmark, (problems, _)) in enumerate(loaded.items()):
+                if shards.done(index):
+                    rows.extend(shards.read(index))
+                    continue
+                bench_rows = evaluate_benchmark(generator, tokenizer, benchmark, problems, cfg)
+                generated += sum(r["n_tokens"] for r in bench_rows)
+                shards.write(index, bench_rows)
+                rows.extend(bench_rows)
+        finally:
+            generator.close()
+        seconds = time.perf_counter() - start
+        metrics = {b: benchmark_metrics([r for r in rows if r["benchmark"] == b], cfg.samples) for b in cfg.benchmarks}
+        skipped = {b: dict(report.skipped) for b, (_, report) in loaded.items() if report is not None and report.skipped}
+        summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "seconds": round(seconds, 1),
+                   "generated_tokens": generated, "tokens_per_second": round(generated / seconds, 1) if generated else None,
+                   "mlflow_parent_run_id": parent}
+        _write_parquet(rows, out / "records.parquet")
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "summary.json", summary)
+        flat = {f"{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
+        run.log_metrics(flat | {"tokens_per_second": summary["tokens_per_second"] or 0.0})
+        run.log_artifact(out / "metrics.json")
+        run.log_artifact(out / "records.parquet")
+        if parent:
+            log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
+        shards.clear()
+        log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
+    return metrics

@@ -1,0 +1,73 @@
+"""The benchmark registry on the real files: every benchmark loads, its gold answers grade a
+correct boxed answer as correct and another problem's answer as wrong, and bad set-ups fail clearly."""
+
+import pytest
+
+from onpolicy_core.config import ArithmeticConfig, EvalConfig
+from onpolicy_core.data.benchmarks import BENCHMARKS, FILE, load_benchmark, ood_settings
+from onpolicy_core.data.sources import SourceError
+from onpolicy_core.grading import grade
+
+EXPECTED_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "minerva": 272}
+
+
+def _cfg(shared_data, **kw):
+    return EvalConfig(data_root=str(shared_data), benchmarks=list(BENCHMARKS), **kw)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, b in BENCHMARKS.items() if b.kind == FILE))
+def test_file_benchmarks_load_whole_and_grade_known_answers(shared_data, tmp_path, name):
+    problems, report = load_benchmark(name, _cfg(shared_data, limit=None), tmp_path / "unused.jsonl", ArithmeticConfig())
+    assert len(problems) == EXPECTED_SIZES[name] and not report.skipped
+    assert len({p.id for p in problems}) == len(problems)
+    checked = 0
+    for p, other in zip(problems[:8], problems[1:9]):
+        assert grade(f"So the answer is $\\boxed{{{p.answer}}}$.", p.answer).correct, (name, p.id, p.answer)
+        if not grade(f"$\\boxed{{{other.answer}}}$", p.answer).correct:
+            checked += 1
+    assert checked >= 6  # another problem's answer is wrong (unless both golds happen to agree)
+
+
+def test_limit_takes_a_seeded_sample_in_file_order(shared_data, tmp_path):
+    a, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1), tmp_path / "x", ArithmeticConfig())
+    b, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1), tmp_path / "x", ArithmeticConfig())
+    c, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=2), tmp_path / "x", ArithmeticConfig())
+    full, _ = load_benchmark("math500", _cfg(shared_data, limit=None), tmp_path / "x", ArithmeticConfig())
+    order = {p.id: i for i, p in enumerate(full)}
+    assert [p.id for p in a] == [p.id for p in b] != [p.id for p in c]
+    assert [order[p.id] for p in a] == sorted(order[p.id] for p in a)
+
+
+def test_arithmetic_ood_is_harder_than_training_and_self_consistent(tmp_path):
+    train = ArithmeticConfig(min_steps=2, max_steps=4, max_operand=20)
+    cfg = EvalConfig(limit=30)
+    ood = ood_settings(train, cfg)
+    assert ood.min_steps > train.max_steps and ood.max_operand > train.max_operand
+    problems, _ = load_benchmark("arithmetic_ood", cfg, tmp_path / "x", train)
+    assert len(problems) == 30 and all(p.id.startswith("arithmetic_ood-") for p in problems)
+    assert all(grade(p.solution, p.answer).correct for p in problems)
+    assert all(p.solution.count("\n") - 1 >= ood.min_steps for p in problems)
+
+
+def test_held_out_split_is_the_data_stage_eval_file(tmp_path):
+    from onpolicy_core.data.arithmetic import generate
+    from onpolicy_core.io import write_jsonl
+
+    path = tmp_path / "eval.jsonl"
+    write_jsonl(path, (p.to_dict() for p in generate(5, 2, 3, 10, seed=0)))
+    problems, _ = load_benchmark("arithmetic", EvalConfig(limit=None), path, ArithmeticConfig())
+    assert [p.id for p in problems] == [f"arithmetic-{i:05d}" for i in range(5)]
+    with pytest.raises(SourceError, match="run `onpolicy data`"):
+        load_benchmark("arithmetic", EvalConfig(), tmp_path / "missing.jsonl", ArithmeticConfig())
+
+
+def test_missing_file_names_the_path_and_the_hub_option(tmp_path):
+    with pytest.raises(SourceError, match=r"gsm8k/test.jsonl.*allow_hub.*openai/gsm8k"):
+        load_benchmark("gsm8k", EvalConfig(data_root=str(tmp_path)), tmp_path / "x", ArithmeticConfig())
+
+
+def test_unknown_benchmark_is_a_config_error():
+    from onpolicy_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown"):
+        EvalConfig(benchmarks=["gsm8k", "olympiad"])
