@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# `dvc repro` inside one parent MLflow run (onpolicy repro); DVC decides what is stale.
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" onpolicy repro
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

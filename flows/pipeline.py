@@ -1,17 +1,30 @@
-"""Prefect flow: the DVC pipeline, one task per stage in dependency order.
+"""Prefect flow: the DVC pipeline, one task per stage in dependency order, inside one MLflow run.
 
 `dvc repro` and this flow give the same result: each task is `dvc repro --single-item <stage>`, so
-DVC stays the one judge of what is stale and Prefect adds retries, timeouts and a run history.
+DVC stays the one judge of what is stale and Prefect adds retries, per-stage timeouts and a run
+history. The flow opens the pipeline's parent MLflow run; each stage's run nests under it. The
+comparison report becomes a Prefect markdown artifact (Prefect UI -> the flow run -> Artifacts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import networkx as nx
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
+from onpolicy_core.config import load_params
+from onpolicy_core.tracking import pipeline_run
 from tasks.dvc_stage import run_dvc_stage
+
+STAGE_TIMEOUTS_S = {
+    "model": 3600, "data": 3600, "score": 4 * 3600, "realign": 12 * 3600, "train": 24 * 3600,
+    "eval-base": 12 * 3600, "eval": 12 * 3600, "report": 600,
+}
+"""Per-stage timeout by stage name (the part before '@'); the paper-scale settings need the long ones."""
 
 
 def stage_order(project_dir: str | Path = ".") -> list[str]:
@@ -23,17 +36,40 @@ def stage_order(project_dir: str | Path = ".") -> list[str]:
         return [stage.name for stage in nx.topological_sort(graph.reverse())]
 
 
+def _prefect_run_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)} if flow_run.id else {}
+
+
 @flow(name="onpolicy-pipeline", log_prints=True)
-def pipeline(project_dir: str = ".", stages: list[str] | None = None) -> list[dict]:
-    """Run the DVC pipeline stage by stage (all stages, or only `stages`, kept in DAG order)."""
-    order = stage_order(project_dir)
+def pipeline(project_dir: str = ".", stages: list[str] | None = None, timeouts: dict[str, int] | None = None) -> list[dict]:
+    """Run the DVC pipeline stage by stage (all stages, or only `stages`, kept in DAG order).
+
+    Returns, per stage: whether DVC ran it, its output hashes from dvc.lock and its MLflow run id.
+    """
+    project = Path(project_dir).resolve()
+    order = stage_order(project)
     if stages:
         unknown = sorted(set(stages) - set(order))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
         order = [s for s in order if s in stages]
-    return [run_dvc_stage(stage, project_dir) for stage in order]
+    limits = STAGE_TIMEOUTS_S | (timeouts or {})
+    params = load_params(project / "params.yaml")
+    results = []
+    with contextlib.chdir(project), pipeline_run(params.tracking, name="pipeline (prefect)", tags=_prefect_run_tags()) as parent:
+        for stage in order:
+            task = run_dvc_stage.with_options(timeout_seconds=limits.get(stage.split("@")[0], 3600))
+            results.append(task(stage, str(project), parent))
+    report = project / params.paths.report / "report.md"
+    if "report" in order and report.exists():
+        create_markdown_artifact(report.read_text(encoding="utf-8"), key="onpolicy-report",
+                                 description=f"Comparison report of {project.name} (MLflow parent run {parent})")
+    ran = [r["stage"] for r in results if r["ran"]]
+    print(f"{len(ran)} of {len(results)} stages ran ({', '.join(ran) or 'all up to date'}); MLflow parent run {parent}")
+    return results
 
 
 if __name__ == "__main__":
-    pipeline()
+    pipeline(project_dir=os.environ.get("ONPOLICY_PROJECT_DIR", "."))

@@ -39,10 +39,11 @@ def _user_errors():
     from onpolicy_core.data.sources import SourceError
     from onpolicy_core.io import InputError
     from onpolicy_core.models import ModelSourceError
+    from onpolicy_core.tracking import TrackingUnavailable
 
     try:
         yield
-    except (ConfigError, InputError, SourceError, ModelSourceError) as exc:
+    except (ConfigError, InputError, SourceError, ModelSourceError, TrackingUnavailable) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -157,6 +158,38 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
     p = _load(params, set_)
     with _user_errors():
         run_report(p.report, p.paths, p.tracking, p.eval, p.train.runs)
+
+
+@app.command()
+def preset(
+    name: Annotated[str, typer.Argument(help="A file name in presets/ without .yaml: cpu-default, gsm8k, paper.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Apply a preset onto params.yaml (comments kept; the result is validated before it is written)."""
+    from onpolicy_core.presets import apply_preset
+
+    logging.basicConfig(level=logging.INFO)
+    with _user_errors():
+        apply_preset(name, params)
+    typer.echo(f"applied presets/{name}.yaml to {params}; `git diff {params}` shows the changes, `dvc repro` runs them")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
+    """`dvc repro` inside one parent MLflow run: every stage that runs nests under it, and the run
+    keeps params.yaml and the resulting dvc.lock. Extra arguments go to `dvc repro`."""
+    import subprocess
+    import sys
+
+    from onpolicy_core.tracking import pipeline_run
+
+    p = _load(params, None)
+    with _user_errors(), pipeline_run(p.tracking, tags={"onpolicy.entry": "onpolicy repro"}) as run_id:
+        if run_id:
+            typer.echo(f"MLflow pipeline run {run_id}")
+        code = subprocess.call([sys.executable, "-m", "dvc", "repro", *ctx.args])
+        if code:
+            raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover

@@ -415,9 +415,9 @@ class EvalConfig:
     """Prompts per generate call of the HF backend (vLLM schedules its own batches)."""
     seed: int = 0
     """Sampling seed and the seed of the problem subsample."""
-    ood_extra_steps: int = 3
+    ood_extra_steps: int = 2
     """arithmetic_ood: up to this many more operations than data.arithmetic.max_steps."""
-    ood_operand_scale: int = 5
+    ood_operand_scale: int = 2
     """arithmetic_ood: numbers up to this many times data.arithmetic.max_operand."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """vLLM engine settings."""
@@ -491,6 +491,13 @@ class TrackingConfig:
     """MLflow experiment name."""
     local_uri: str = "sqlite:///mlflow.db"
     """Tracking URI used when MLFLOW_TRACKING_URI is not set (relative to the project root)."""
+    fallback_to_local: bool = False
+    """When the MLflow server of MLFLOW_TRACKING_URI does not answer: log to `local_uri` instead
+    (with a warning and an `onpolicy.tracking_fallback` tag) rather than failing the stage."""
+    connect_timeout_s: float = 5.0
+    """How long to wait for the MLflow server's /health before failing (or falling back)."""
+    registry: bool = True
+    """Register each evaluated trained model in the MLflow model registry with its eval metrics."""
 
 
 @dataclass
@@ -541,6 +548,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads '1e-4' (no dot) as a string; for a float field it can only mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -1,5 +1,12 @@
 """MLflow around a stage: one run per stage execution, with the resolved config, metrics and
-artefacts. The tracking URI is MLFLOW_TRACKING_URI when set, else a local SQLite file."""
+artefacts. The tracking URI is MLFLOW_TRACKING_URI when set, else a local SQLite file.
+
+A pipeline run (`pipeline_run`, used by `onpolicy repro` and the Prefect flow) is a parent MLflow
+run; stage runs nest under it through ONPOLICY_PARENT_RUN_ID. Every stage run is tagged with the
+git commit and with the DVC hash of each input it read (from dvc.lock), so a number in the UI leads
+back to the exact code and data. An unreachable tracking server fails the stage at once with a
+clear message, or falls back to the local store when `tracking.fallback_to_local` is set.
+"""
 
 from __future__ import annotations
 
@@ -62,12 +69,79 @@ class StageRun:
         if self._mlflow:
             self._mlflow.set_tags(tags)
 
+    def tag_inputs(self, paths: list[str | Path]) -> None:
+        """Tag the run with the DVC hash of each input (`dvc.input.<path>`)."""
+        if self._mlflow:
+            self._mlflow.set_tags({f"dvc.input.{p}"[:250]: h for p, h in dvc_lock_hashes(paths).items()})
 
-def _connect(tracking: TrackingConfig):
+
+PARENT_ENV = "ONPOLICY_PARENT_RUN_ID"
+DVC_STAGE_ENV = "ONPOLICY_DVC_STAGE"
+"""Set by the Prefect task to the DVC stage it runs; becomes the `onpolicy.dvc_stage` tag."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def _server_answers(uri: str, timeout: float) -> str | None:
+    """None when the server's /health answers, else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def tracking_uri(tracking: TrackingConfig) -> tuple[str, bool]:
+    """(URI to log to, whether it is the local fallback). A remote server is probed first, so an
+    outage is one clear error within `connect_timeout_s`, not minutes of client retries."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_uri
+    if uri.startswith(("http://", "https://")):
+        problem = _server_answers(uri, tracking.connect_timeout_s)
+        if problem:
+            if tracking.fallback_to_local:
+                log.warning("MLflow server %s unreachable (%s); logging to %s instead", uri, problem, tracking.local_uri)
+                return tracking.local_uri, True
+            raise TrackingUnavailable(
+                f"MLflow server {uri} is not reachable ({problem}). Start it (infra/scripts/mlflow_server.sh), unset "
+                "MLFLOW_TRACKING_URI to log locally, or set tracking.fallback_to_local=true")
+    return uri, False
+
+
+def _connect(tracking: TrackingConfig) -> tuple[Any, bool]:
+    """(the mlflow module pointed at the tracking store, whether that store is the local fallback)."""
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_uri)
-    return mlflow
+    uri, fell_back = tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    return mlflow, fell_back
+
+
+def dvc_lock_hashes(paths: list[str | Path], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """DVC content hash of each path as recorded in dvc.lock (as some stage's output or dependency);
+    a file DVC does not know is hashed here, so every input gets a tag."""
+    import yaml
+
+    from onpolicy_core.io import file_sha256
+
+    known: dict[str, str] = {}
+    lock = Path(lock_file)
+    if lock.exists():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for entry in [*stage.get("deps", []), *stage.get("outs", [])]:
+                known[entry["path"]] = entry.get("md5") or entry.get("hash") or ""
+    out = {}
+    for path in map(str, paths):
+        rel = os.path.relpath(path) if os.path.isabs(path) else path
+        if rel in known:
+            out[rel] = known[rel]
+        elif Path(path).is_file():
+            out[rel] = "sha256:" + file_sha256(path)
+    return out
 
 
 def _existing(mlflow: Any, run_id: str | None) -> str | None:
@@ -86,7 +160,7 @@ def log_metrics_to(run_id: str, metrics: dict[str, float], tracking: TrackingCon
     """Log `metrics` on another (finished) run, e.g. eval scores on the model's training run."""
     if not tracking.enabled:
         return
-    mlflow = _connect(tracking)
+    mlflow, _ = _connect(tracking)
     if not _existing(mlflow, run_id):
         return
     from mlflow.entities import Metric
@@ -100,29 +174,94 @@ def log_artifacts_to(run_id: str, paths: list[Path], tracking: TrackingConfig, a
     """Log files on another run, e.g. the report on the pipeline's parent run."""
     if not tracking.enabled:
         return
-    mlflow = _connect(tracking)
+    mlflow, _ = _connect(tracking)
     if _existing(mlflow, run_id):
         for path in paths:
             mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
+def _common_tags(fell_back: bool) -> dict[str, str]:
+    tags = {}
+    if commit := git_commit():
+        tags["git.commit"] = commit
+    if dvc_stage := os.environ.get(DVC_STAGE_ENV):
+        tags["onpolicy.dvc_stage"] = dvc_stage
+    if fell_back:
+        tags["onpolicy.tracking_fallback"] = "true"
+    return tags
+
+
+def register_model(run_id: str, name: str, tags: dict[str, Any], tracking: TrackingConfig,
+                   artifact_path: str = "model") -> str | None:
+    """Register the model folder logged on run `run_id` as a new version of `name` in the MLflow
+    model registry, tagged (e.g. with its eval metrics). Returns the version, or None when the run
+    or its logged model is not in this store."""
+    if not tracking.enabled:
+        return None
+    mlflow, _ = _connect(tracking)
+    if not _existing(mlflow, run_id):
+        return None
+    client = mlflow.MlflowClient()
+    if not client.list_artifacts(run_id, artifact_path):
+        log.warning("run %s has no logged %r (train.log_model off?); not registering %s", run_id, artifact_path, name)
+        return None
+    try:
+        client.create_registered_model(name, description="On-Policy SFT training runs of one <method>-<data> choice")
+    except mlflow.exceptions.MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    return version.version
+
+
+@contextlib.contextmanager
+def pipeline_run(tracking: TrackingConfig, name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[str | None]:
+    """The parent MLflow run of one pipeline execution. Stage processes started inside the block
+    nest under it (ONPOLICY_PARENT_RUN_ID); params.yaml and, at the end, dvc.lock are its artefacts."""
+    if not tracking.enabled:
+        yield None
+        return
+    mlflow, fell_back = _connect(tracking)
+    mlflow.set_experiment(tracking.experiment)
+    client = mlflow.MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name(tracking.experiment).experiment_id, run_name=name,
+                            tags={"onpolicy.stage": "pipeline", "mlflow.runName": name, **_common_tags(fell_back), **(tags or {})})
+    run_id = run.info.run_id
+    if Path("params.yaml").exists():
+        client.log_artifact(run_id, "params.yaml")
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
+        if Path("dvc.lock").exists():
+            client.log_artifact(run_id, "dvc.lock")
+        client.set_terminated(run_id, status)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, config: dict, tracking: TrackingConfig, run_name: str | None = None,
-              parent_run_id: str | None = None) -> Iterator[StageRun]:
+              parent_run_id: str | None = None, inputs: list[str | Path] = ()) -> Iterator[StageRun]:
     """Open an MLflow run for `stage` and log its resolved `config` as params and as `config.json`.
 
     The run nests under `parent_run_id` when given (e.g. eval under the model's training run), else
-    under ONPOLICY_PARENT_RUN_ID (the pipeline run) when set.
+    under ONPOLICY_PARENT_RUN_ID (the pipeline run) when set. `inputs` become `dvc.input.*` tags.
     """
     if not tracking.enabled:
         yield StageRun(None)
         return
-    mlflow = _connect(tracking)
+    mlflow, fell_back = _connect(tracking)
     mlflow.set_experiment(tracking.experiment)
-    parent = _existing(mlflow, parent_run_id) or _existing(mlflow, os.environ.get("ONPOLICY_PARENT_RUN_ID"))
-    tags = {"onpolicy.stage": stage}
-    if commit := git_commit():
-        tags["git.commit"] = commit
+    parent = _existing(mlflow, parent_run_id) or _existing(mlflow, os.environ.get(PARENT_ENV))
+    tags = {"onpolicy.stage": stage, **_common_tags(fell_back),
+            **{f"dvc.input.{p}"[:250]: h for p, h in dvc_lock_hashes(list(inputs)).items()}}
     with mlflow.start_run(run_name=run_name or stage, nested=bool(parent), parent_run_id=parent or None, tags=tags) as run:
         params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in _flatten(config).items()}
         # MLflow caps a param value at 6000 chars; the full config is the artifact below.

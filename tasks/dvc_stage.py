@@ -1,7 +1,11 @@
-"""Prefect task that runs one DVC stage. DVC decides whether it is stale; Prefect retries it."""
+"""Prefect tasks around DVC: one stage (`dvc repro --single-item`) and one experiment (`dvc exp run`).
+
+DVC decides whether a stage is stale; Prefect only retries and times out. No Prefect result caching.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +14,16 @@ from pathlib import Path
 import yaml
 from prefect import get_run_logger, task
 
+from onpolicy_core.tracking import DVC_STAGE_ENV, PARENT_ENV
 
-def _env() -> dict[str, str]:
+
+def _env(stage: str | None = None) -> dict[str, str]:
     """PATH with this interpreter's bin first, so `dvc` and the stage commands (`onpolicy ...`)
     resolve to the project's environment even when the worker was started without activating it."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if stage:
+        env[DVC_STAGE_ENV] = stage
     return env
 
 
@@ -28,20 +36,56 @@ def locked_outs(project_dir: Path, stage: str) -> dict[str, str]:
     return {o["path"]: o.get("md5") or o.get("hash", "") for o in entry.get("outs", [])}
 
 
-@task(name="dvc-stage", retries=2, retry_delay_seconds=5, timeout_seconds=3600, task_run_name="dvc repro {stage}")
-def run_dvc_stage(stage: str, project_dir: str = ".") -> dict:
-    """`dvc repro --single-item <stage>`: runs it only if DVC finds it stale. Returns its locked outputs."""
+def stage_mlflow_run(stage: str, parent_run_id: str | None) -> str | None:
+    """The MLflow run the stage opened under the pipeline run (None when DVC skipped it)."""
+    if not parent_run_id:
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`onpolicy.dvc_stage` = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _run(cmd: list[str], project: Path, stage: str | None, what: str) -> subprocess.CompletedProcess:
     logger = get_run_logger()
-    project = Path(project_dir).resolve()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=project,
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run(cmd, cwd=project, env=_env(stage), capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
         logger.info(line)
     if proc.returncode != 0:
-        raise RuntimeError(f"dvc repro {stage} failed with exit code {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return {"stage": stage, "outs": locked_outs(project, stage)}
+        raise RuntimeError(f"{what} failed with exit code {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return proc
+
+
+@task(name="dvc-stage", retries=2, retry_delay_seconds=5, timeout_seconds=3600, task_run_name="dvc repro {stage}")
+def run_dvc_stage(stage: str, project_dir: str = ".", parent_run_id: str | None = None) -> dict:
+    """`dvc repro --single-item <stage>`: runs it only if DVC finds it stale. Returns whether it ran,
+    its locked output hashes and the MLflow run it logged to."""
+    project = Path(project_dir).resolve()
+    proc = _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], project, stage, f"dvc repro {stage}")
+    ran = "didn't change, skipping" not in proc.stdout
+    return {"stage": stage, "ran": ran, "outs": locked_outs(project, stage),
+            "mlflow_run_id": stage_mlflow_run(stage, parent_run_id) if ran else None}
+
+
+@task(name="dvc-experiment", retries=1, retry_delay_seconds=5, timeout_seconds=24 * 3600, task_run_name="dvc exp run {name}")
+def run_dvc_experiment(name: str, set_params: list[str], project_dir: str = ".", targets: list[str] | None = None) -> dict:
+    """`dvc exp run -n <name> -S k=v ... [targets]`; returns the experiment's params and metrics."""
+    project = Path(project_dir).resolve()
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--name", name, *[a for kv in set_params for a in ("-S", kv)], *(targets or [])]
+    _run(cmd, project, None, f"dvc exp run {name}")
+    shown = _run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, None, "dvc exp show")
+    return {"name": name, "set": set_params, "experiments": _experiment_results(json.loads(shown.stdout), name)}
+
+
+def _experiment_results(shown: list[dict], name: str) -> dict:
+    """Params and metrics of experiment `name` from `dvc exp show --json`."""
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for revision in exp.get("revs", []):
+                if revision.get("name") == name:
+                    data = revision.get("data", {})
+                    return {"params": data.get("params", {}), "metrics": data.get("metrics", {})}
+    return {}

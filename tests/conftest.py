@@ -4,10 +4,14 @@ once per session by the real `model` stage."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -74,3 +78,31 @@ def make_tiny_model(vocab_size: int = 128, seed: int = 0, layers: int = 2):
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+BIN = Path(sys.executable).parent
+
+
+def bin_env(**extra: str) -> dict[str, str]:
+    """The environment with the project's venv first on PATH (dvc, onpolicy, prefect, mlflow)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A throwaway git + DVC copy of the project (code, dvc.yaml, prefect.yaml, flows) with a small
+    data section, committed so stage runs carry a git commit."""
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "prefect.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("onpolicy_core", "tasks", "flows"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["data"]["arithmetic"]["n"] = 30
+    params["data"]["n_eval"] = 5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / ".gitignore").write_text("/artifacts/\nmlflow.db\n")
+    env = bin_env()
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
+    return tmp_path

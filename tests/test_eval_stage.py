@@ -46,7 +46,7 @@ def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_pa
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment(TRACKING.experiment)
     with mlflow.start_run(run_name="train-fake") as train_run:
-        pass
+        mlflow.log_text("weights would be here", "model/README.txt")  # what train.log_model logs
     paths = _project(tmp_path, embedded_model_dir, train_run.info.run_id)
     metrics = eval_stage.run_eval(_cfg(), paths, TRACKING, ModelConfig(), DataConfig(), RUN)
     out = tmp_path / "eval" / RUN
@@ -65,6 +65,9 @@ def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_pa
     on_training_run = client.get_run(train_run.info.run_id).data.metrics
     assert on_training_run["eval/arithmetic_ood/avg_at_k"] == pytest.approx(metrics["arithmetic_ood"]["avg_at_k"])
     assert not (tmp_path / "eval" / f".{RUN}.partial").exists()
+    versions = client.search_model_versions(f"name = 'test-eval-{RUN}'")
+    assert [v.run_id for v in versions] == [train_run.info.run_id]
+    assert float(versions[0].tags["eval.arithmetic.greedy_accuracy"]) == pytest.approx(metrics["arithmetic"]["greedy_accuracy"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -1,18 +1,13 @@
 """The wrappers: CLI, DVC and the Prefect flow run the same stage functions, and DVC decides what is stale."""
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-
-BIN = Path(sys.executable).parent
+from tests.conftest import BIN, ROOT, bin_env
 
 
 def _cli(*args, cwd=ROOT, env=None):
@@ -21,7 +16,7 @@ def _cli(*args, cwd=ROOT, env=None):
 
 def test_cli_lists_every_stage():
     out = _cli("--help").stdout
-    for stage in ("model", "data", "score", "realign", "train"):
+    for stage in ("model", "data", "score", "realign", "train", "eval", "report", "repro"):
         assert f" {stage} " in out
     assert "--thresholds" not in _cli("score", "--help").stdout  # settings live in params.yaml ...
     assert "select_top_k" in _cli("score", "--help").stdout  # ... and the help names them
@@ -35,22 +30,6 @@ def test_cli_bad_data_file_names_file_line_and_reason(tmp_path):
     assert result.returncode != 0
     assert f"{bad}:1: missing_solution" in result.stderr and f"{bad}:2: invalid_json" in result.stderr
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture
-def project(tmp_path):
-    """A throwaway copy of the DVC project with a small data section."""
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "onpolicy_core", tmp_path / "onpolicy_core", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["data"]["arithmetic"]["n"] = 30
-    params["data"]["n_eval"] = 5
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
-    return tmp_path
 
 
 @pytest.fixture
@@ -70,17 +49,23 @@ def test_prefect_flow_runs_dvc_stages_and_dvc_skips_unchanged_ones(project, pref
     order = stage_order(project)
     assert order.index("model") < order.index("realign@hinted") < order.index("score@hinted") < order.index("train@idft-hinted")
     assert order.index("data") < order.index("score@original")
+    assert order.index("train@sft-original") < order.index("eval@sft-original") < order.index("report")
+    assert order.index("eval-base") < order.index("report")
     first = pipeline(project_dir=str(project), stages=["data"])
-    assert first[0]["stage"] == "data"
+    assert first[0]["stage"] == "data" and first[0]["ran"]
+    stage_run = mlflow.MlflowClient().get_run(first[0]["mlflow_run_id"])
+    assert stage_run.data.tags["onpolicy.dvc_stage"] == "data"
+    parent = mlflow.MlflowClient().get_run(stage_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["onpolicy.stage"] == "pipeline" and parent.info.status == "FINISHED"
     outs = first[0]["outs"]
     assert {"artifacts/data/train.jsonl", "artifacts/data/eval.jsonl"} <= set(outs) and all(outs.values())
     assert len((project / "artifacts/data/train.jsonl").read_text().splitlines()) == 25
     assert json.loads((project / "artifacts/data/summary.json").read_text())["eval"] == 5
     mtime = (project / "artifacts/data/train.jsonl").stat().st_mtime_ns
     again = pipeline(project_dir=str(project), stages=["data"])
-    assert again[0]["outs"] == outs
+    assert again[0]["outs"] == outs and not again[0]["ran"] and again[0]["mlflow_run_id"] is None
     assert (project / "artifacts/data/train.jsonl").stat().st_mtime_ns == mtime, "DVC skipped the unchanged stage"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = bin_env()
     status = subprocess.run([str(BIN / "dvc"), "status", "data"], cwd=project, capture_output=True, text=True, env=env)
     assert "up to date" in status.stdout
     # Changing a param the stage reads makes DVC rerun it, through plain `dvc repro` too.
@@ -91,3 +76,37 @@ def test_prefect_flow_runs_dvc_stages_and_dvc_skips_unchanged_ones(project, pref
     assert len((project / "artifacts/data/eval.jsonl").read_text().splitlines()) == 6
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline(project_dir=str(project), stages=["nope"])
+
+
+FLAKY_STAGE = {
+    # Fails on its first attempt (as a killed or preempted stage would), succeeds on the retry.
+    "cmd": "test -f .attempted && echo done > flaky.txt || (touch .attempted && exit 1)",
+    "outs": ["flaky.txt"],
+}
+
+
+def test_prefect_retry_after_a_transient_stage_failure_completes_the_run(project, prefect_backend):
+    from flows.pipeline import pipeline
+
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["flaky"] = FLAKY_STAGE
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    state = pipeline(project_dir=str(project), stages=["flaky"], return_state=True)
+    assert state.is_completed(), state
+    assert (project / ".attempted").exists() and (project / "flaky.txt").read_text() == "done\n"
+
+
+def test_repro_opens_one_parent_run_for_the_whole_dvc_repro(project, tmp_path):
+    store = f"sqlite:///{tmp_path / 'repro.db'}"
+    result = subprocess.run([str(BIN / "onpolicy"), "repro", "data"], cwd=project, capture_output=True, text=True,
+                            env=bin_env(MLFLOW_TRACKING_URI=store))
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = mlflow.MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("onpolicy-sft").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["onpolicy.stage"] == "pipeline"]
+    (child,) = [r for r in runs if r.data.tags["onpolicy.stage"] == "data"]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert child.data.tags["git.commit"] == head
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"params.yaml", "dvc.lock"}
+    assert parent.info.status == "FINISHED"

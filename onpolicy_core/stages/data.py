@@ -34,7 +34,8 @@ def _report(name: str, result: LoadResult) -> dict:
 def run_data(cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> dict:
     """Write `train.jsonl`, `eval.jsonl` and `summary.json` under `paths.data`; return the summary."""
     out = Path(paths.data)
-    with stage_run("data", {"data": to_dict(cfg), "paths": to_dict(paths)}, tracking) as run:
+    files = [s for s in (cfg.source, cfg.eval_source) if s and Path(s).is_file()]
+    with stage_run("data", {"data": to_dict(cfg), "paths": to_dict(paths)}, tracking, inputs=files) as run:
         loaded = load_source(cfg.source, cfg)
         sources = [_report(cfg.source, loaded)]
         problems = list(loaded.problems)

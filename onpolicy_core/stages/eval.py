@@ -37,7 +37,7 @@ from onpolicy_core.grading import grade, last_boxed
 from onpolicy_core.io import ShardedResults, atomic_path, write_json
 from onpolicy_core.models import load_materialised, model_identity
 from onpolicy_core.prompts import render_prompt
-from onpolicy_core.tracking import log_metrics_to, stage_run
+from onpolicy_core.tracking import log_metrics_to, register_model, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
     out = Path(paths.eval) / name
     config = {"eval": to_dict(cfg), "model": name, "model_folder": str(folder)}
     parent = training_run_id(paths, name)
-    with stage_run("eval", config, tracking, run_name=f"eval-{name}", parent_run_id=parent) as run:
+    with stage_run("eval", config, tracking, run_name=f"eval-{name}", parent_run_id=parent,
+                   inputs=[folder, Path(paths.data) / "eval.jsonl"]) as run:
         run.set_tags({"onpolicy.model": name, "onpolicy.backend": cfg.backend})
         loaded = {b: load_benchmark(b, cfg, Path(paths.data) / "eval.jsonl", data_cfg.arithmetic) for b in cfg.benchmarks}
         fingerprint = {"config": to_dict(cfg), "model": model_identity(folder),
@@ -174,6 +175,9 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         run.log_artifact(out / "records.parquet")
         if parent:
             log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
+            if tracking.registry:
+                summary["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", {f"eval.{k}": round(v, 6) for k, v in flat.items()}, tracking)
+                write_json(out / "summary.json", summary)
         shards.clear()
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
     return metrics

@@ -189,7 +189,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
     problems = [Problem.from_dict(r) for r in read_jsonl(input_path)]
     opts = decode_options(cfg, variant)
     config = {"realign": to_dict(cfg), "variant": variant, "resolved_decoding": to_dict(opts), "input": str(input_path)}
-    with stage_run("realign", config, tracking, run_name=f"realign-{variant}") as run:
+    with stage_run("realign", config, tracking, run_name=f"realign-{variant}", inputs=[paths.model, input_path]) as run:
         model, tokenizer = load_materialised(paths.model, device="auto")
         fingerprint = {"config": config, "input": file_sha256(input_path), "model": model_identity(paths.model)}
         shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)

@@ -147,7 +147,8 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     ddt = ddt_statistics(paths, datas)
     out = Path(paths.report)
     config = {"report": to_dict(cfg), "models": models, "metric_key": key}
-    with stage_run("report", config, tracking) as run:
+    inputs = [Path(paths.eval) / m / "metrics.json" for m in models] + [Path(paths.score) / d / "summary.json" for d in datas]
+    with stage_run("report", config, tracking, inputs=inputs) as run:
         write_text(out / "report.md", render_markdown(table, results, ddt, cfg.metric, cfg.sft_reference))
         plot_comparison(table, cfg.metric, out / "comparison.png")
         comparison_json = {"metric": cfg.metric, "metric_key": key, "table": table, "results": results, "ddt": ddt}

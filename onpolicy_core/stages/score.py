@@ -180,7 +180,7 @@ def run_score(
     problems = _read_scorable(input_path, response_field)
     name = out.name
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
-    with stage_run("score", config, tracking, run_name=f"score-{name}") as run:
+    with stage_run("score", config, tracking, run_name=f"score-{name}", inputs=[paths.model, input_path]) as run:
         model, tokenizer = load_materialised(paths.model, device="auto")
         fingerprint = {
             "score": to_dict(cfg),

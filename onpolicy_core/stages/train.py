@@ -200,7 +200,8 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     checkpoints = Path(paths.train) / ".checkpoints" / run
     problems = [Problem.from_dict(r) for r in read_jsonl(data_path(paths, data))]
     config = {"train": to_dict(cfg), "run": run, "method": method, "data": data}
-    with stage_run("train", config, tracking, run_name=f"train-{run}") as handle:
+    with stage_run("train", config, tracking, run_name=f"train-{run}",
+                   inputs=[paths.model, data_path(paths, data)]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data})
         model, tokenizer = load_materialised(paths.model)
         summary: dict = {"run": run, "method": method, "data": data, "mlflow_run_id": handle.run_id}

@@ -1,0 +1,57 @@
+"""Presets: partial params files in presets/ applied onto params.yaml in one command.
+
+`onpolicy preset gsm8k` deep-merges presets/gsm8k.yaml into params.yaml, keeping params.yaml's
+comments and key order (ruamel round-trip), and refuses a result that does not load into the typed
+config. params.yaml stays the one place DVC reads settings from; `git diff params.yaml` shows what a
+preset changed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from onpolicy_core.config import ConfigError, Params, from_mapping
+from onpolicy_core.io import write_text
+
+PRESETS_DIR = Path("presets")
+
+
+def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.yaml"))
+
+
+def _merge(target, overlay: dict, where: str = "") -> None:
+    for key, value in overlay.items():
+        here = f"{where}.{key}" if where else str(key)
+        if key not in target:
+            raise ConfigError(f"preset key {here!r} is not in params.yaml")
+        if isinstance(value, dict) and isinstance(target[key], dict):
+            _merge(target[key], value, here)
+        else:
+            target[key] = value
+
+
+def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir: Path = PRESETS_DIR) -> Params:
+    """Merge presets/<name>.yaml into `params_path` (comments kept); returns the resulting config."""
+    from ruamel.yaml import YAML
+
+    preset = presets_dir / f"{name}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"{preset}: no such preset (available: {available(presets_dir)})")
+    yaml = YAML()  # round-trip: keeps comments, order, and number spellings such as 2.0e-05
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = yaml.load(params_path.read_text(encoding="utf-8"))
+    overlay = yaml.load(preset.read_text(encoding="utf-8")) or {}
+    _merge(doc, overlay)
+    buffer = io.StringIO()
+    yaml.dump(doc, buffer)
+    import yaml as pyyaml
+
+    try:
+        config = from_mapping(Params, pyyaml.safe_load(buffer.getvalue()))
+    except ConfigError as exc:
+        raise ConfigError(f"preset {name!r} gives an invalid params.yaml: {exc}") from exc
+    write_text(params_path, buffer.getvalue())
+    return config
