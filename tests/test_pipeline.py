@@ -110,3 +110,33 @@ def test_repro_opens_one_parent_run_for_the_whole_dvc_repro(project, tmp_path):
     assert child.data.tags["git.commit"] == head
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"params.yaml", "dvc.lock"}
     assert parent.info.status == "FINISHED"
+
+
+def test_flow_publishes_the_report_as_a_prefect_artifact(project, prefect_backend):
+    from prefect import get_client
+
+    from flows.pipeline import pipeline
+
+    (project / "artifacts" / "report").mkdir(parents=True)
+    (project / "artifacts" / "report" / "report.md").write_text("| model | arithmetic |\n|---|---|\n| base | 10.0 |\n")
+    pipeline(project_dir=str(project), stages=["data"])
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    artifacts = {a.key: a for a in asyncio.run(latest())}
+    assert "| base | 10.0 |" in artifacts["onpolicy-report"].data
+
+
+def test_sweep_flow_runs_one_dvc_experiment_per_grid_point(project, prefect_backend):
+    from flows.sweep import sweep
+
+    results = sweep(grid={"data.n_eval": [4, 6]}, project_dir=str(project), targets=["data"])
+    assert [r["name"] for r in results] == ["n_eval-4", "n_eval-6"]
+    evals = [r["experiments"]["metrics"]["artifacts/data/summary.json"]["data"]["eval"] for r in results]
+    assert evals == [4, 6]
+    shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=project, capture_output=True, text=True, env=bin_env())
+    assert "n_eval-4" in shown.stdout and "n_eval-6" in shown.stdout

@@ -121,14 +121,15 @@ def test_tracking_server_down_fails_fast_or_falls_back(project, tmp_path):
 def test_prefect_server_deployment_worker_and_flow_run(project, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = bin_env(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_PORT=str(port), PREFECT_API_URL=api,
+    # PWD: prefect.yaml's pull step runs flows in the checkout `prefect deploy` was run from.
+    env = bin_env(PWD=str(project), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_PORT=str(port), PREFECT_API_URL=api,
                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     with _server(["bash", str(SCRIPTS / "prefect_server.sh")], f"{api}/health", env, tmp_path / "prefect.log"):
         def prefect(*args, timeout=300):
             return subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
 
         assert prefect("work-pool", "create", "onpolicy-local", "--type", "process").returncode == 0
-        deployed = prefect("--no-prompt", "deploy", "-n", "onpolicy-pipeline/nightly", "-n", "onpolicy-pipeline/on-demand")
+        deployed = prefect("--no-prompt", "deploy", "-n", "nightly", "-n", "on-demand")
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
         deployments = {d["name"]: d for d in _post(f"{api}/deployments/filter", {})}
         assert set(deployments) == {"nightly", "on-demand"}

@@ -176,7 +176,8 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         if parent:
             log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
             if tracking.registry:
-                summary["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", {f"eval.{k}": round(v, 6) for k, v in flat.items()}, tracking)
+                tags = {f"eval.{k.replace('/', '.')}": round(v, 6) for k, v in flat.items()}
+                summary["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
                 write_json(out / "summary.json", summary)
         shards.clear()
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
