@@ -69,11 +69,6 @@ class StageRun:
         if self._mlflow:
             self._mlflow.set_tags(tags)
 
-    def tag_inputs(self, paths: list[str | Path]) -> None:
-        """Tag the run with the DVC hash of each input (`dvc.input.<path>`)."""
-        if self._mlflow:
-            self._mlflow.set_tags({f"dvc.input.{p}"[:250]: h for p, h in dvc_lock_hashes(paths).items()})
-
 
 PARENT_ENV = "ONPOLICY_PARENT_RUN_ID"
 DVC_STAGE_ENV = "ONPOLICY_DVC_STAGE"

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from prefect import get_run_logger, task
 
-from onpolicy_core.tracking import DVC_STAGE_ENV, PARENT_ENV
+from onpolicy_core.tracking import DVC_STAGE_ENV
 
 
 def _env(stage: str | None = None) -> dict[str, str]:

@@ -5,6 +5,7 @@ worker, and a triggered flow run checked through the Prefect API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-import contextlib
 from contextlib import contextmanager
 
 import pytest

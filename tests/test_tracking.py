@@ -1,0 +1,50 @@
+"""MLflow plumbing without a server: input tags from dvc.lock, nesting under a parent run, and the
+pipeline run's status and artefacts."""
+
+import os
+
+import mlflow
+import pytest
+import yaml
+
+from onpolicy_core.config import TrackingConfig
+from onpolicy_core.tracking import dvc_lock_hashes, pipeline_run, stage_run
+
+TRACKING = TrackingConfig(experiment="test-tracking")
+
+
+def test_input_hashes_come_from_dvc_lock_or_are_computed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "model": {"outs": [{"path": "artifacts/model", "md5": "abc.dir"}]},
+        "data": {"deps": [{"path": "src.jsonl", "md5": "f00"}], "outs": [{"path": "artifacts/data/train.jsonl", "md5": "d41"}]},
+    }}))
+    (tmp_path / "mine.txt").write_text("x")
+    hashes = dvc_lock_hashes(["artifacts/model", tmp_path / "artifacts/data/train.jsonl", "mine.txt", "absent.txt"])
+    assert hashes["artifacts/model"] == "abc.dir"
+    assert hashes["artifacts/data/train.jsonl"] == "d41"
+    assert hashes["mine.txt"].startswith("sha256:2d711642")
+    assert "absent.txt" not in hashes
+
+
+def test_stage_runs_nest_under_the_pipeline_run_with_input_tags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("paths: {}\n")
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"model": {"outs": [{"path": "artifacts/model", "md5": "abc.dir"}]}}}))
+    with pipeline_run(TRACKING, name="p") as parent:
+        assert os.environ["ONPOLICY_PARENT_RUN_ID"] == parent
+        with stage_run("score", {"x": 1}, TRACKING, inputs=["artifacts/model"]) as run:
+            child = run.run_id
+    assert "ONPOLICY_PARENT_RUN_ID" not in os.environ
+    client = mlflow.MlflowClient()
+    tags = client.get_run(child).data.tags
+    assert tags["mlflow.parentRunId"] == parent and tags["dvc.input.artifacts/model"] == "abc.dir"
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent)} == {"params.yaml", "dvc.lock"}
+
+
+def test_a_failing_pipeline_run_is_marked_failed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError), pipeline_run(TRACKING, name="boom") as parent:
+        raise RuntimeError("stage failed")
+    assert mlflow.MlflowClient().get_run(parent).info.status == "FAILED"
