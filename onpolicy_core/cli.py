@@ -37,13 +37,14 @@ def _user_errors():
     """Bad input and bad settings end in one clear line (file, line, reason) and exit code 2,
     not a traceback; anything else is a bug and keeps its traceback."""
     from onpolicy_core.data.sources import SourceError
+    from onpolicy_core.generation import BackendUnavailable
     from onpolicy_core.io import InputError
     from onpolicy_core.models import ModelSourceError
     from onpolicy_core.tracking import TrackingUnavailable
 
     try:
         yield
-    except (ConfigError, InputError, SourceError, ModelSourceError, TrackingUnavailable) as exc:
+    except (ConfigError, InputError, SourceError, ModelSourceError, TrackingUnavailable, BackendUnavailable) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -104,7 +105,8 @@ def realign(
 
     Writes train.jsonl (after the realign.on_unverified policy), records.jsonl (every example with
     its realigned CoT, finish reason, mean lambda, verification and avg-phi), summary.json and
-    metrics.json. Settings under `realign:` in params.yaml.
+    metrics.json. Settings under `realign:` in params.yaml; `realign.backend: vllm` decodes on vLLM
+    (pairs that lose lockstep are recomputed on HF and counted under decoded_by).
     """
     from onpolicy_core.stages.realign import run_realign
 

