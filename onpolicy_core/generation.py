@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from onpolicy_core.hinted import left_pad
+
 
 class BackendUnavailable(RuntimeError):
     """The configured generation backend is not installed."""
@@ -89,16 +91,12 @@ class HFGenerator:
         per_call = max(1, self.batch_size // spec.n)
         for start in range(0, len(order), per_call):
             batch = order[start : start + per_call]
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
+            ids, mask = left_pad([prompts[i] for i in batch], self.pad_id, device)
+            width = ids.shape[1]
             sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0) if spec.temperature > 0 else dict(do_sample=False)
             torch.manual_seed(spec.seed * 1_000_003 + batch[0])
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=spec.max_new_tokens,
+                input_ids=ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
                 num_return_sequences=spec.n, eos_token_id=sorted(self.stops), pad_token_id=self.pad_id, **sampling,
             )
             new = out[:, width:].tolist()

@@ -174,7 +174,8 @@ def _generators(seeds: Sequence[int] | None, n: int, opts: DecodeOptions) -> lis
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows, left-padded to one width: new tokens append on the right."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -191,7 +192,7 @@ class _Logits:
 
 def _prefill(model, prompts: Sequence[Sequence[int]], pad_token_id: int, device):
     """Forward left-padded prompts into a fresh cache: (last logits, cache, mask, last positions)."""
-    input_ids, attention = _left_pad(prompts, pad_token_id, device)
+    input_ids, attention = left_pad(prompts, pad_token_id, device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,

@@ -166,19 +166,18 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "seconds": round(seconds, 1),
                    "generated_tokens": generated, "tokens_per_second": round(generated / seconds, 1) if generated else None,
                    "mlflow_parent_run_id": parent}
-        _write_parquet(rows, out / "records.parquet")
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "summary.json", summary)
         flat = {f"{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
-        run.log_metrics(flat | {"tokens_per_second": summary["tokens_per_second"] or 0.0})
-        run.log_artifact(out / "metrics.json")
-        run.log_artifact(out / "records.parquet")
         if parent:
             log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
             if tracking.registry:
                 tags = {f"eval.{k.replace('/', '.')}": round(v, 6) for k, v in flat.items()}
                 summary["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
-                write_json(out / "summary.json", summary)
+        _write_parquet(rows, out / "records.parquet")
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "summary.json", summary)
+        run.log_metrics(flat | {"tokens_per_second": summary["tokens_per_second"] or 0.0})
+        run.log_artifact(out / "metrics.json")
+        run.log_artifact(out / "records.parquet")
         shards.clear()
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
     return metrics

@@ -111,15 +111,13 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
                   for p, pre in zip(chunk, prefixes)]
         plain = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in chunk]
         seeds = [example_seed(cfg.seed, p.id) for p in chunk]
-        decoded_by = ["hf"] * len(chunk)
         if engine is not None:
             from onpolicy_core.hinted_vllm import vllm_hinted_generate
 
             decoded = vllm_hinted_generate(engine, hinted, plain, opts, eos_ids, seeds)
+            decoded_by = ["vllm" if d is not None else "hf_after_vllm_desync" for d in decoded]
             redo = [i for i, d in enumerate(decoded) if d is None]
             bar.update(len(chunk) - len(redo))
-            for i in range(len(chunk)):
-                decoded_by[i] = "hf_after_vllm_desync" if i in redo else "vllm"
             if redo:
                 log.warning("%d pair(s) lost lockstep on vLLM; recomputing them with the HF generator", len(redo))
                 again = _hf_decode(model, tokenizer, [hinted[i] for i in redo], [plain[i] for i in redo],
@@ -128,6 +126,7 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
                     decoded[i] = d
         else:
             decoded = _hf_decode(model, tokenizer, hinted, plain, seeds, opts, eos_ids, cfg.batch_size, bar)
+            decoded_by = ["hf"] * len(chunk)
         generated += sum(len(d.token_ids) for d in decoded)
         bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.0f}")
         texts = [tokenizer.decode(d.token_ids, skip_special_tokens=True).strip() for d in decoded]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from onpolicy_core.config import PathsConfig, TrackingConfig, TrainConfig, parse_run, to_dict
+from onpolicy_core.generation import HFGenerator, SamplingSpec
 from onpolicy_core.grading import grade
 from onpolicy_core.io import atomic_dir, atomic_path, read_jsonl, write_json
 from onpolicy_core.losses import IDFTParams
@@ -91,30 +92,17 @@ def _sft_trainer(method: str, cfg: TrainConfig, model, tokenizer, problems: list
     )
 
 
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[str], n: int, temperature: float, top_p: float,
-                     max_new_tokens: int, seed: int, batch_size: int = 8) -> list[list[str]]:
-    """`n` sampled responses per prompt from `model` (HF generate, left padding)."""
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
-    tokenizer.padding_side = "left"
-    out: list[list[str]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling preference candidates", unit="batch"):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out.extend(texts[i : i + n] for i in range(0, len(texts), n))
-    return out
-
-
 def _preference_dataset(model, tokenizer, problems: list[Problem], cfg: TrainConfig, summary: dict):
     from datasets import Dataset
+    from tqdm import tqdm
 
     pc = cfg.preference
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
-    samples = sample_responses(model, tokenizer, prompts, pc.samples_per_prompt, pc.temperature, pc.top_p, pc.max_new_tokens, cfg.seed)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    spec = SamplingSpec(pc.samples_per_prompt, pc.temperature, pc.top_p, pc.max_new_tokens, cfg.seed)
+    with tqdm(total=len(prompts), desc="sampling preference candidates", unit="prompt") as bar:
+        completions = HFGenerator(model, tokenizer, batch_size=8 * pc.samples_per_prompt).generate(prompt_ids, spec, progress=bar)
+    samples = [[c.text for c in row] for row in completions]
     correct = [[grade(t, p.answer).correct for t in texts] for texts, p in zip(samples, problems)]
     pairs, counts = build_pairs(samples, correct, [p.solution for p in problems], pc.no_correct)
     summary["pairs"] = len(pairs)
