@@ -8,6 +8,7 @@ silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,8 +103,12 @@ class DataConfig:
     """Separate source for the eval split (same format and fields); None carves it out of `source`."""
     n_eval: int = 40
     """Eval problems carved out of `source` (or the cap on `eval_source`)."""
+    n_val: int = 0
+    """Validation problems carved out of the training pool (after the eval split) into val.jsonl, for
+    choosing hyperparameters without looking at the evaluation benchmarks (benchmark 'arithmetic_val'
+    for the built-in generator, or any source through val.jsonl); they are never trained on."""
     n_train: int | None = None
-    """Cap on training problems after the eval split; None keeps all."""
+    """Cap on training problems after the eval and validation splits; None keeps all."""
     max_chars: int = 4000
     """Records whose question + solution exceed this many characters are skipped as over-long."""
     seed: int = 0
@@ -116,8 +121,8 @@ class DataConfig:
             raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {self.format!r}")
         if (self.source == "arithmetic") != (self.format == "arithmetic"):
             raise ConfigError("data.source 'arithmetic' goes with data.format 'arithmetic' and only with it")
-        if self.n_eval < 0 or (self.n_train is not None and self.n_train < 1):
-            raise ConfigError("data.n_eval must be >= 0 and data.n_train >= 1 when set")
+        if self.n_eval < 0 or self.n_val < 0 or (self.n_train is not None and self.n_train < 1):
+            raise ConfigError("data.n_eval and data.n_val must be >= 0, and data.n_train >= 1 when set")
         if self.max_chars < 1:
             raise ConfigError("data.max_chars must be positive")
 
@@ -212,20 +217,20 @@ class RealignConfig:
     """Nucleus mass kept after the temperature (official demo: 0.95)."""
     greedy: bool = False
     """Argmax instead of sampling (temperature and top_p then unused)."""
-    max_new_tokens: int = 128
-    """Longest realigned response."""
+    max_new_tokens: int = 192
+    """Longest realigned response. A response cut here is never verified (it did not finish)."""
     answer_marker: str | None = "\\boxed{"
     """Once generated, decoding continues from the plain stream alone; null disables the switch."""
-    repetition_window: int = 30
-    """Repetition guard: a run of this many tokens ..."""
-    repetition_count: int = 5
-    """... seen this many times stops the response ..."""
-    repetition_check_every: int = 100
-    """... checked every this many tokens."""
+    repetition_window: int = 10
+    """Repetition guard (rolling, checked after every token): a run of this many tokens ..."""
+    repetition_count: int = 4
+    """... seen this many times stops the response, which is then never verified."""
     batch_size: int = 16
     """Problems decoded together (2 rows each: hinted and plain)."""
     on_unverified: str = "fallback"
-    """Realigned responses whose answer fails math-verify: keep them, drop the example, or fall back to the original."""
+    """Realigned responses that fail strict verification (see `stages/realign.py`: EOS, a \\boxed{}
+    answer equal to the gold one under math-verify, no repetition): keep them, drop the example, or
+    fall back to the original solution."""
     seed: int = 0
     """Sampling seed; each example's stream is seeded from (seed, id), independent of batching."""
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
@@ -249,8 +254,8 @@ class RealignConfig:
             raise ConfigError(f"realign.on_unverified must be one of {UNVERIFIED_POLICIES}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("realign.temperature must be > 0 and top_p in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.repetition_check_every < 1:
-            raise ConfigError("realign.max_new_tokens, batch_size and repetition_check_every must be positive")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.repetition_window < 1 or self.repetition_count < 2:
+            raise ConfigError("realign.max_new_tokens, batch_size and repetition_window must be positive, repetition_count >= 2")
         if self.beta < 0:
             raise ConfigError("realign.beta must be >= 0")
 
@@ -331,12 +336,33 @@ TRAIN_METHODS = ("sft", "dft", "eaft", "idft", "dpo", "simpo")
 TRAIN_DATA = ("original", "self_distill", "hinted")
 
 
+_RUN_NAME = re.compile(r"(?P<method>[a-z]+)-(?P<data>[a-z_]+)(?:-s(?P<seed>\d+))?")
+
+
+def _split_run(name: str) -> tuple[str, str, int | None]:
+    match = _RUN_NAME.fullmatch(name)
+    if not match or match["method"] not in TRAIN_METHODS or match["data"] not in TRAIN_DATA:
+        raise ConfigError(f"train run {name!r} must be <method>-<data> or <method>-<data>-s<seed> with method in "
+                          f"{TRAIN_METHODS} and data in {TRAIN_DATA}")
+    return match["method"], match["data"], None if match["seed"] is None else int(match["seed"])
+
+
 def parse_run(name: str) -> tuple[str, str]:
-    """'idft-hinted' -> ('idft', 'hinted'), checked against the known methods and data choices."""
-    method, _, data = name.partition("-")
-    if method not in TRAIN_METHODS or data not in TRAIN_DATA:
-        raise ConfigError(f"train run {name!r} must be <method>-<data> with method in {TRAIN_METHODS} and data in {TRAIN_DATA}")
+    """'idft-hinted' (or 'idft-hinted-s1') -> ('idft', 'hinted'), checked against the known choices."""
+    method, data, _ = _split_run(name)
     return method, data
+
+
+def run_seed(name: str, default: int) -> int:
+    """The training seed of run `name`: its '-s<seed>' suffix, else `default` (train.seed)."""
+    seed = _split_run(name)[2]
+    return default if seed is None else seed
+
+
+def run_group(name: str) -> str:
+    """'<method>-<data>' of a run, without its seed suffix: the runs the report aggregates over seeds."""
+    method, data = parse_run(name)
+    return f"{method}-{data}"
 
 
 @dataclass
@@ -344,7 +370,9 @@ class TrainConfig:
     """Training (TRL): IDFT and the SFT, DFT, EAFT, DPO and SimPO baselines."""
 
     runs: list[str] = field(default_factory=lambda: ["sft-original", "dft-original", "idft-original", "idft-hinted"])
-    """Method x data combinations trained by `dvc repro` (one DVC stage each): <method>-<data>."""
+    """Method x data combinations trained by `dvc repro` (one DVC stage each): <method>-<data>, or
+    <method>-<data>-s<seed> to train the same combination again under another seed (the report
+    aggregates the seeds of one combination as mean +- sd)."""
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""
     lr_scheduler: str = "cosine"
@@ -370,7 +398,7 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 on a GPU that supports it, else fp32), 'bf16' or 'fp32'."""
     seed: int = 0
-    """Seed of data order and initialisation of new weights."""
+    """Seed of data order and initialisation of new weights (a run's '-s<seed>' suffix overrides it)."""
     save_steps: int = 50
     """Checkpoint every this many steps (for resume after a kill)."""
     save_total_limit: int = 2
@@ -389,6 +417,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for run in self.runs:
             parse_run(run)
+        if len(set(self.runs)) != len(self.runs):
+            raise ConfigError(f"train.runs lists a run twice: {self.runs}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError("train.precision must be 'auto', 'bf16' or 'fp32'")
         if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -401,7 +431,7 @@ class EvalConfig:
 
     benchmarks: list[str] = field(default_factory=lambda: ["arithmetic", "arithmetic_ood"])
     """Names from the registry (onpolicy_core/data/benchmarks.py): arithmetic, arithmetic_ood,
-    gsm8k, math500, aime24, amc23, minerva."""
+    arithmetic_val (the validation split, for tuning), gsm8k, math500, aime24, amc23, minerva."""
     data_root: str = "../shared/data"
     """Folder holding the benchmark files (<data_root>/gsm8k/test.jsonl, ...)."""
     allow_hub: bool = False

@@ -116,6 +116,20 @@ def run_in_worker(fn, *args, timeout: float):
         raise TimeoutError(f"grading took longer than {timeout}s; worker killed") from None
 
 
+def grade_boxed(response: str, gold: str) -> Grade:
+    """Strict grading: only the last \\boxed{...} of `response` counts as its final answer.
+
+    `grade` follows the Qwen-style evaluation convention and falls back to the last number of the
+    text when there is no \\boxed{}; that accepts a looping, cut-off response whose last number
+    happens to match. Realignment verification and the strict accuracy use this instead.
+    """
+    boxed = last_boxed(response)
+    if boxed is None:
+        return Grade(False, None)
+    verdict = grade(f"\\boxed{{{boxed}}}", gold)
+    return Grade(verdict.correct, boxed, verdict.timed_out)
+
+
 def extract_answer(response: str) -> str | None:
     """The final answer math-verify reads from `response` (None if there is none)."""
     return grade(response, "0").extracted

@@ -30,8 +30,10 @@ wrong, each deliberate:
    ("self-distillation"); sigmoid with beta = 0 gives 0.5 and piecewise ignores beta, as officially.
 7. Sampling: temperature first, then top-p (transformers' warpers, HF order). The official demo
    applies top-p to the untempered mixture; greedy decoding is identical either way.
-8. Repetition guard: every `check_every` tokens, stop if any `window`-token run occurs `count` times
-   (all windows counted; the official loop skips the last one).
+8. Repetition guard: rolling. After every token the `window`-token run ending there is counted, and
+   decoding stops as soon as one run has occurred `count` times. The official loop checks only every
+   100 tokens (and skips the last window), so a loop shorter than 100 tokens, or one that starts
+   after the last check, ran to the length limit; this one is caught at any length and position.
 
 Pure tensor code: no files, no tracking.
 """
@@ -61,9 +63,8 @@ class DecodeOptions:
     greedy: bool = False
     max_new_tokens: int = 256
     answer_marker: str | None = "\\boxed{"
-    repetition_window: int = 30
-    repetition_count: int = 5
-    repetition_check_every: int = 100
+    repetition_window: int = 10
+    repetition_count: int = 4
 
 
 @dataclass
@@ -142,6 +143,7 @@ class _PairState:
         self.phase = FIRST
         self.switched_at: int | None = None
         self.finish: str | None = None
+        self._runs: Counter = Counter()  # occurrences of each `repetition_window`-token run so far
 
     def push(self, token: int, lam: float) -> None:
         if self.phase == MIX:
@@ -156,10 +158,14 @@ class _PairState:
         elif self.phase == FIRST:
             self.phase = MIX
         o = self.opts
+        if len(self.tokens) >= o.repetition_window:
+            run = tuple(self.tokens[-o.repetition_window:])
+            self._runs[run] += 1
+            if self._runs[run] >= o.repetition_count:
+                self.finish = "repetition"
+                return
         if len(self.tokens) >= o.max_new_tokens:
             self.finish = "length"
-        elif len(self.tokens) % o.repetition_check_every == 0 and repeats(self.tokens, o.repetition_window, o.repetition_count):
-            self.finish = "repetition"
 
     def result(self) -> Decoded:
         tokens = self.tokens[:-1] if self.finish == "eos" else self.tokens

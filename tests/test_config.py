@@ -55,3 +55,15 @@ def test_cross_field_checks():
         DataConfig(source="x.jsonl", format="arithmetic")
     with pytest.raises(ConfigError, match="min_steps"):
         load_params(ROOT / "params.yaml", ["data.arithmetic.min_steps=5", "data.arithmetic.max_steps=2"])
+
+
+def test_run_names_with_a_seed_suffix():
+    from onpolicy_core.config import parse_run, run_group, run_seed
+
+    assert parse_run("idft-original-s1") == ("idft", "original") and run_seed("idft-original-s1", 0) == 1
+    assert run_seed("sft-self_distill", 7) == 7 and run_group("sft-self_distill-s12") == "sft-self_distill"
+    for bad in ("idft-original-1", "idft-original-sx", "idft-nosuch-s1", "nope-original"):
+        with pytest.raises(ConfigError, match="must be <method>-<data>"):
+            parse_run(bad)
+    with pytest.raises(ConfigError, match="twice"):
+        load_params(ROOT / "params.yaml", ["train.runs=[sft-original, sft-original]"])

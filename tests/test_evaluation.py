@@ -47,23 +47,24 @@ def test_reported_ks():
     assert pass_ks(16) == [1, 2, 4, 8, 16]
 
 
-def _row(pid, mode, correct, n_tokens=10, boxed="1", finish="stop"):
+def _row(pid, mode, correct, n_tokens=10, boxed="1", finish="stop", strict=None):
     return {"problem_id": pid, "mode": mode, "correct": correct, "n_tokens": n_tokens, "boxed": boxed, "extracted": boxed,
-            "finish_reason": finish}
+            "finish_reason": finish, "strict_correct": correct and boxed is not None if strict is None else strict}
 
 
 def test_benchmark_metrics_on_hand_made_rows():
     rows = [
         _row("a", "greedy", True), _row("b", "greedy", False, boxed=None, finish="length", n_tokens=30),
-        _row("a", "sample", True), _row("a", "sample", False),
+        _row("a", "sample", True), _row("a", "sample", True, boxed=None),
         _row("b", "sample", False), _row("b", "sample", False, boxed=None),
     ]
     m = benchmark_metrics(rows, samples=2)
     assert m["problems"] == 2
-    assert m["greedy_accuracy"] == 0.5
-    assert m["avg_at_k"] == pytest.approx(0.25)
-    assert m["pass_at_1"] == pytest.approx(0.25)
+    assert m["greedy_accuracy"] == 0.5 and m["strict_greedy_accuracy"] == 0.5
+    assert m["avg_at_k"] == pytest.approx(0.5), "lenient: the unboxed sample counts"
+    assert m["strict_avg_at_k"] == pytest.approx(0.25), "strict: only the boxed one"
+    assert m["pass_at_1"] == pytest.approx(0.5)
     assert m["pass_at_2"] == pytest.approx(0.5)
-    assert m["no_answer_rate"] == pytest.approx(2 / 6)
+    assert m["no_answer_rate"] == pytest.approx(3 / 6)
     assert m["truncated_rate"] == pytest.approx(1 / 6)
     assert m["mean_response_tokens"] == pytest.approx((10 * 5 + 30) / 6)

@@ -43,8 +43,11 @@ def test_batched_greedy_equals_the_batch1_no_cache_reference(model, beta):
         assert _reference(model, opts, i, use_cache=True).token_ids == ref.token_ids
 
 
+NO_GUARD = dict(repetition_window=10**6)  # the tiny random model repeats itself; these tests are about other things
+
+
 def test_beta_zero_is_plain_hinted_generation(model):
-    opts = DecodeOptions(beta=0.0, greedy=True, max_new_tokens=16, answer_marker=None)
+    opts = DecodeOptions(beta=0.0, greedy=True, max_new_tokens=16, answer_marker=None, **NO_GUARD)
     out = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode)
     for prompt, got in zip(HINTED, out):
         ids = list(prompt)
@@ -82,7 +85,7 @@ def test_answer_marker_switches_to_the_plain_stream(model):
 
 
 def test_eos_stops_a_pair_including_on_the_first_token(model):
-    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=20, answer_marker=None)
+    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=20, answer_marker=None, **NO_GUARD)
     free = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode)
     eos = free[0].token_ids[0]  # pretend the first token of pair 0 is EOS
     out = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [eos], decode)
@@ -100,17 +103,46 @@ def test_repetition_guard():
     assert repeats(list(range(10)) + [7, 7, 7, 7, 7], window=1, count=6)
 
 
-def test_repetition_guard_stops_decoding():
+def _looping_model():
     model = make_tiny_model(vocab_size=64, seed=3)
     with torch.no_grad():
         model.lm_head.bias = None
         model.lm_head.weight.zero_()
         model.lm_head.weight[9] = 1.0  # every position prefers token 9 ... forever
-    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=500, answer_marker=None,
-                         repetition_window=4, repetition_count=5, repetition_check_every=10)
-    out = hinted_generate(model, HINTED[:2], PLAIN_PROMPTS[:2], opts, [1], decode)
+    return model
+
+
+def test_repetition_guard_stops_decoding_at_the_first_repeat():
+    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=500, answer_marker=None, repetition_window=4, repetition_count=5)
+    out = hinted_generate(_looping_model(), HINTED[:2], PLAIN_PROMPTS[:2], opts, [1], decode)
     assert [d.finish_reason for d in out] == ["repetition", "repetition"]
-    assert all(len(d.token_ids) == 10 for d in out), "caught at the first check"
+    assert all(len(d.token_ids) == 8 for d in out), "the 4-token run of 9s is seen a 5th time at token 8"
+
+
+def test_repetition_guard_catches_a_loop_in_a_short_output():
+    """The old guard (checked every 100 tokens) could not fire below 100 tokens: a loop ran to the limit."""
+    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=40, answer_marker=None)  # defaults: window 10, count 4
+    out = hinted_generate(_looping_model(), HINTED[:1], PLAIN_PROMPTS[:1], opts, [1], decode)
+    assert out[0].finish_reason == "repetition" and len(out[0].token_ids) == 13
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rolling_guard_fires_at_the_first_prefix_that_repeats(seed):
+    """Whatever the token stream, the guard stops exactly where the offline check `repeats` first holds."""
+    from onpolicy_core.hinted import _PairState
+
+    g = torch.Generator().manual_seed(seed)
+    unit = torch.randint(2, 9, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+    stream = torch.randint(2, 30, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist() + unit * 12
+    opts = DecodeOptions(max_new_tokens=10**6, answer_marker=None, repetition_window=4, repetition_count=3)
+    state = _PairState(opts, {1}, decode, None)
+    for token in stream:
+        state.push(token, 0.0)
+        if state.finish:
+            break
+    stop = len(state.tokens)
+    assert state.finish == "repetition"
+    assert repeats(stream[:stop], 4, 3) and not repeats(stream[: stop - 1], 4, 3)
 
 
 @pytest.mark.parametrize("h", [0.0, 0.1, 0.35, 0.5, 0.9, 1.0])

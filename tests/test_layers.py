@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 
 ALGORITHM_MODULES = ["ddt.py", "hinted.py", "losses.py", "grading.py", "prompts.py", "records.py", "data/arithmetic.py",
-                     "training/preference.py", "training/sft.py", "evaluation.py", "generation.py", "hinted_vllm.py"]
+                     "training/preference.py", "training/sft.py", "evaluation.py", "statistics.py", "generation.py", "hinted_vllm.py"]
 FORBIDDEN_IN_ALGORITHMS = {"mlflow", "prefect", "dvc", "onpolicy_core.stages", "onpolicy_core.io", "onpolicy_core.tracking", "tasks", "flows"}
 
 

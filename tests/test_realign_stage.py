@@ -96,3 +96,39 @@ def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_mode
     monkeypatch.setattr(realign_stage, "hinted_generate", real)
     realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, tmp_path / "fresh")
     assert (out / "records.jsonl").read_text() == (tmp_path / "fresh" / "records.jsonl").read_text()
+
+
+LOOP = ("Mia starts with 14 cookies.\n" + "One share of 14 is 2. " * 6 + "One share of 1")
+
+
+def test_looping_truncated_text_is_not_verified_though_its_last_number_matches():
+    """The case found on main: a loop cut off at the length limit, whose last number is the gold
+    answer, was accepted because the grader falls back to the last number without a \\boxed{}."""
+    from onpolicy_core.grading import grade
+
+    assert grade(LOOP, "1").correct, "the lenient (Qwen-style) grader accepts it"
+    assert realign_stage.verify(LOOP, "length", "1") == (False, "truncated", None)
+    assert realign_stage.verify(LOOP, "eos", "1") == (False, "no_boxed_answer", None)
+    assert realign_stage.verify(LOOP, "repetition", "1")[:2] == (False, "repetitive")
+
+
+@pytest.mark.parametrize(("text", "finish", "gold", "expected"), [
+    ("14 / 7 = 2.\nThe final answer is $\\boxed{2}$.", "eos", "2", (True, None, "2")),
+    ("14 / 7 = 2.\nThe final answer is $\\boxed{\\frac{4}{2}}$.", "eos", "2", (True, None, "\\frac{4}{2}")),
+    ("14 / 7 = 2.\nThe final answer is $\\boxed{3}$.", "eos", "2", (False, "wrong_answer", "3")),
+    ("14 / 7 = 2.\nThe final answer is $\\boxed{2}$.", "repetition", "2", (False, "repetitive", "2")),
+    ("14 / 7 = 2.\nThe final answer is $\\boxed{2}$.", "length", "2", (False, "truncated", "2")),
+    ("14 / 7 = 2. The final answer is 2.", "eos", "2", (False, "no_boxed_answer", None)),
+])
+def test_strict_verification_rules(text, finish, gold, expected):
+    assert realign_stage.verify(text, finish, gold) == expected
+
+
+def test_unverified_loops_never_reach_the_training_set():
+    rows = [{"id": "a", "question": "q", "solution": "ref \\boxed{1}", "answer": "1", "source": "s", "realigned": LOOP,
+             "verified": False, "rejection": "truncated"},
+            {"id": "b", "question": "q", "solution": "ref \\boxed{2}", "answer": "2", "source": "s",
+             "realigned": "so \\boxed{2}", "verified": True, "rejection": None}]
+    for policy, kept in (("fallback", ["ref \\boxed{1}", "so \\boxed{2}"]), ("drop", ["so \\boxed{2}"])):
+        train = realign_stage.apply_policy([dict(r) for r in rows], policy)
+        assert [t["solution"] for t in train] == kept

@@ -21,6 +21,9 @@ from onpolicy_core.records import Problem
 
 HELD_OUT = "held_out"
 """Kind of the arithmetic in-distribution benchmark: the data stage's eval split."""
+VALIDATION = "validation"
+"""Kind of the arithmetic validation benchmark: the data stage's val.jsonl beside eval.jsonl (for
+hyperparameter choice; never the benchmarks a method is judged on)."""
 GENERATED_OOD = "generated_ood"
 """Kind of the arithmetic out-of-distribution benchmark: the generator, harder than training."""
 FILE = "file"
@@ -44,6 +47,8 @@ class Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {
     "arithmetic": Benchmark("arithmetic", "held-out split of the training distribution (data stage eval.jsonl)", kind=HELD_OUT),
+    "arithmetic_val": Benchmark("arithmetic_val", "validation split carved from the training pool (data stage val.jsonl)",
+                                kind=VALIDATION),
     "arithmetic_ood": Benchmark("arithmetic_ood", "generated arithmetic with more steps and larger numbers than training", kind=GENERATED_OOD),
     "gsm8k": Benchmark(
         "gsm8k", "GSM8K test (1319 grade-school word problems)", file="gsm8k/test.jsonl", format="gsm8k",
@@ -93,12 +98,13 @@ def load_benchmark(name: str, cfg: EvalConfig, held_out: Path, train_generator: 
     if name not in BENCHMARKS:
         raise SourceError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     bench = BENCHMARKS[name]
-    if bench.kind == HELD_OUT:
-        if not held_out.exists():
-            raise SourceError(f"{held_out}: the data stage's eval split is missing (run `onpolicy data`)")
-        problems = [Problem.from_dict(r) for r in read_jsonl(held_out)]
+    if bench.kind in (HELD_OUT, VALIDATION):
+        split = held_out if bench.kind == HELD_OUT else held_out.with_name("val.jsonl")
+        if not split.exists():
+            raise SourceError(f"{split}: the data stage's {bench.kind} split is missing (run `onpolicy data`)")
+        problems = [Problem.from_dict(r) for r in read_jsonl(split)]
         if not problems:
-            raise SourceError(f"{held_out}: eval split is empty (data.n_eval = 0?)")
+            raise SourceError(f"{split}: the {bench.kind} split is empty (data.n_eval / data.n_val = 0?)")
         return _subsample(problems, cfg.limit, cfg.seed), None
     if bench.kind == GENERATED_OOD:
         a = ood_settings(train_generator, cfg)

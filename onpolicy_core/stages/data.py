@@ -13,7 +13,7 @@ from onpolicy_core.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILE, EVAL_FILE, SUMMARY_FILE = "train.jsonl", "eval.jsonl", "summary.json"
+TRAIN_FILE, EVAL_FILE, VAL_FILE, SUMMARY_FILE = "train.jsonl", "eval.jsonl", "val.jsonl", "summary.json"
 
 
 def _report(name: str, result: LoadResult) -> dict:
@@ -32,7 +32,8 @@ def _report(name: str, result: LoadResult) -> dict:
 
 
 def run_data(cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> dict:
-    """Write `train.jsonl`, `eval.jsonl` and `summary.json` under `paths.data`; return the summary."""
+    """Write `train.jsonl`, `eval.jsonl`, `val.jsonl` (data.n_val problems carved from the training
+    pool, possibly none) and `summary.json` under `paths.data`; return the summary."""
     out = Path(paths.data)
     files = [s for s in (cfg.source, cfg.eval_source) if s and Path(s).is_file()]
     with stage_run("data", {"data": to_dict(cfg), "paths": to_dict(paths)}, tracking, inputs=files) as run:
@@ -48,14 +49,19 @@ def run_data(cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> d
             if cfg.n_eval >= len(problems):
                 raise SourceError(f"{cfg.source}: n_eval={cfg.n_eval} leaves no training data ({len(problems)} usable)")
             eval_split, train_split = problems[: cfg.n_eval], problems[cfg.n_eval :]
+        if cfg.n_val and cfg.n_val >= len(train_split):
+            raise SourceError(f"{cfg.source}: n_val={cfg.n_val} leaves no training data ({len(train_split)} after the eval split)")
+        val_split, train_split = train_split[: cfg.n_val], train_split[cfg.n_val :]
         if cfg.n_train is not None:
             train_split = train_split[: cfg.n_train]
         write_jsonl(out / TRAIN_FILE, (p.to_dict() for p in train_split))
         write_jsonl(out / EVAL_FILE, (p.to_dict() for p in eval_split))
-        summary = {"train": len(train_split), "eval": len(eval_split), "sources": sources}
+        write_jsonl(out / VAL_FILE, (p.to_dict() for p in val_split))
+        summary = {"train": len(train_split), "eval": len(eval_split), "val": len(val_split), "sources": sources}
         write_json(out / SUMMARY_FILE, summary)
         skipped = sum(s["skipped_total"] for s in sources)
-        run.log_metrics({"train_examples": len(train_split), "eval_examples": len(eval_split), "skipped": skipped})
+        run.log_metrics({"train_examples": len(train_split), "eval_examples": len(eval_split), "val_examples": len(val_split),
+                         "skipped": skipped})
         run.log_artifact(out / SUMMARY_FILE)
         log.info("data: %d train, %d eval, %d skipped -> %s", len(train_split), len(eval_split), skipped, out)
     return summary

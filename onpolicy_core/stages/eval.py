@@ -1,6 +1,8 @@
 """Stage `eval`: score one model (the base model or a trained run) on the configured benchmarks.
 
-Per benchmark: greedy accuracy, Avg@k and unbiased pass@k over k samples, mean response length,
+Per benchmark: greedy accuracy, Avg@k and unbiased pass@k over k samples (lenient, Qwen-style: the
+last \\boxed{}, else the last number), the same accuracies strictly (only a \\boxed{} answer counts),
+mean response length,
 the share of responses with no extractable answer and the share cut off at max_new_tokens. Every
 response is kept in `records.parquet` for inspection. The MLflow run is nested under the model's
 training run, and the headline numbers are also logged on the training run itself, so a model and
@@ -33,7 +35,7 @@ from onpolicy_core.generation import (
     SamplingSpec,
     VLLMGenerator,
 )
-from onpolicy_core.grading import grade, last_boxed
+from onpolicy_core.grading import grade, grade_boxed
 from onpolicy_core.io import ShardedResults, atomic_path, write_json
 from onpolicy_core.models import load_materialised, model_identity
 from onpolicy_core.prompts import render_prompt
@@ -77,10 +79,11 @@ def _rows(benchmark: str, problems, mode: str, completions: list[list[Completion
     rows = []
     for problem, samples in zip(problems, completions):
         for index, c in enumerate(samples):
-            g = grade(c.text, problem.answer)
+            g, strict = grade(c.text, problem.answer), grade_boxed(c.text, problem.answer)
             rows.append({
                 "benchmark": benchmark, "problem_id": problem.id, "mode": mode, "sample": index, "gold": problem.answer,
-                "response": c.text, "boxed": last_boxed(c.text), "extracted": g.extracted, "correct": g.correct,
+                "response": c.text, "boxed": strict.extracted, "extracted": g.extracted, "correct": g.correct,
+                "strict_correct": strict.correct,
                 "n_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason,
             })
@@ -104,15 +107,19 @@ def benchmark_metrics(rows: list[dict], samples: int) -> dict:
     """The numbers reported per benchmark (keys are valid MLflow metric names)."""
     greedy = [r for r in rows if r["mode"] == "greedy"]
     sampled: dict[str, list[bool]] = {}
+    strict_sampled: dict[str, list[bool]] = {}
     for r in rows:
         if r["mode"] == "sample":
             sampled.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+            strict_sampled.setdefault(r["problem_id"], []).append(bool(r["strict_correct"]))
     out: dict[str, float] = {"problems": len({r["problem_id"] for r in rows})}
     if greedy:
         out["greedy_accuracy"] = sum(r["correct"] for r in greedy) / len(greedy)
+        out["strict_greedy_accuracy"] = sum(r["strict_correct"] for r in greedy) / len(greedy)
     if sampled:
         matrix = list(sampled.values())
         out["avg_at_k"] = avg_at_k(matrix)
+        out["strict_avg_at_k"] = avg_at_k(list(strict_sampled.values()))
         for k in pass_ks(samples):
             out[f"pass_at_{k}"] = mean_pass_at_k(matrix, k)
     out["mean_response_tokens"] = sum(r["n_tokens"] for r in rows) / len(rows)

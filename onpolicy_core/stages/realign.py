@@ -4,8 +4,14 @@ Writes, under `<paths.realign>/<variant>/`:
   train.jsonl    the training records after the unverified-answer policy (record format; `solution`
                  is the realigned CoT, or the original under the fallback policy)
   records.jsonl  every example with its realigned CoT, finish reason, tokens, mean lambda,
-                 verification, avg-phi of the realigned and of the original solution, and outcome
-  summary.json / metrics.json   counts per outcome and finish reason, avg-phi side by side
+                 verification (and the rejection reason), avg-phi of the realigned and of the
+                 original solution, and outcome
+  summary.json / metrics.json   counts per outcome, finish and rejection reason, avg-phi side by side
+
+Verification is strict (`verify`): a realigned response is verified only if it ended with EOS, its
+final answer is inside \\boxed{} and equals the gold answer under math-verify, and the repetition
+guard did not stop it. A looping response cut off at the length limit whose last number happens to
+be the gold answer is rejected, so no training set learns a never-stop habit from it.
 """
 
 from __future__ import annotations
@@ -21,11 +27,23 @@ import torch
 from tqdm import tqdm
 
 from onpolicy_core import ddt
-from onpolicy_core.config import REALIGN_VARIANTS, PathsConfig, RealignConfig, TrackingConfig, to_dict
+from onpolicy_core.config import (
+    REALIGN_VARIANTS,
+    PathsConfig,
+    RealignConfig,
+    TrackingConfig,
+    to_dict,
+)
 from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable, stop_token_ids
-from onpolicy_core.grading import grade
+from onpolicy_core.grading import grade_boxed
 from onpolicy_core.hinted import DecodeOptions, hinted_generate
-from onpolicy_core.io import ShardedResults, file_sha256, read_jsonl, write_json, write_jsonl
+from onpolicy_core.io import (
+    ShardedResults,
+    file_sha256,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from onpolicy_core.models import load_materialised, model_identity
 from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
 from onpolicy_core.records import REQUIRED_FIELDS, Problem
@@ -33,6 +51,22 @@ from onpolicy_core.tracking import stage_run
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 64
+REJECTIONS = ("repetitive", "truncated", "no_boxed_answer", "wrong_answer")
+"""Why a realigned response is not verified, in the order they are checked."""
+
+
+def verify(text: str, finish_reason: str, gold: str) -> tuple[bool, str | None, str | None]:
+    """(verified, rejection reason or None, boxed answer or None) of one realigned response."""
+    verdict = grade_boxed(text, gold)
+    if finish_reason == "repetition":
+        return False, "repetitive", verdict.extracted
+    if finish_reason != "eos":
+        return False, "truncated", verdict.extracted
+    if verdict.extracted is None:
+        return False, "no_boxed_answer", None
+    if not verdict.correct:
+        return False, "wrong_answer", verdict.extracted
+    return True, None, verdict.extracted
 ANALYSIS_HEADER = "# Analysis\n"
 
 
@@ -134,7 +168,7 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
         phi_old = _avg_phi(model, tokenizer, chunk, [p.solution for p in chunk])
         shard_rows = []
         for p, d, by, text, analysed_ok, a_new, a_old in zip(chunk, decoded, decoded_by, texts, analysed, phi_new, phi_old):
-            verdict = grade(text, p.answer)
+            verified, rejection, boxed = verify(text, d.finish_reason, p.answer)
             shard_rows.append({
                 **p.to_dict(),
                 "decoded_by": by,
@@ -144,8 +178,9 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
                 "mean_lambda": d.mean_lambda,
                 "switched_at": d.switched_at,
                 "analysis_finished": analysed_ok,
-                "verified": verdict.correct,
-                "extracted_answer": verdict.extracted,
+                "verified": verified,
+                "rejection": rejection,
+                "boxed_answer": boxed,
                 "avg_phi": a_new,
                 "avg_phi_original": a_old,
             })
@@ -186,18 +221,23 @@ def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
     outcomes: dict[str, int] = {}
     finishes: dict[str, int] = {}
     decoders: dict[str, int] = {}
+    rejections = dict.fromkeys(REJECTIONS, 0)
     for r in rows:
         outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
         finishes[r["finish_reason"]] = finishes.get(r["finish_reason"], 0) + 1
         decoders[r.get("decoded_by", "hf")] = decoders.get(r.get("decoded_by", "hf"), 0) + 1
+        if r["rejection"] is not None:
+            rejections[r["rejection"]] += 1
     return {
         "variant": variant,
         "beta": opts.beta,
         "lambda_mode": opts.lambda_mode,
         "examples": len(rows),
         "verified_rate": mean([float(r["verified"]) for r in rows]),
+        "eos_rate": mean([float(r["finish_reason"] == "eos") for r in rows]),
         "outcomes": outcomes,
         "finish_reasons": finishes,
+        "rejections": rejections,
         "decoded_by": decoders,
         "answer_marker_reached": sum(r["switched_at"] is not None for r in rows),
         "analysis_unfinished": sum(not r["analysis_finished"] for r in rows),
@@ -241,11 +281,13 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
         write_jsonl(out / "train.jsonl", train)
         write_json(out / "summary.json", summary)
         metrics = {
-            "verified_rate": summary["verified_rate"], "train_examples": len(train), "mean_tokens": summary["mean_tokens"],
+            "verified_rate": summary["verified_rate"], "eos_rate": summary["eos_rate"], "train_examples": len(train),
+            "mean_tokens": summary["mean_tokens"],
             "mean_lambda": summary["mean_lambda"], "avg_phi_original": summary["avg_phi"]["original"],
             "avg_phi_realigned": summary["avg_phi"][variant],
             **{f"outcome.{k}": v for k, v in summary["outcomes"].items()},
             **{f"finish.{k}": v for k, v in summary["finish_reasons"].items()},
+            **{f"rejected.{k}": v for k, v in summary["rejections"].items()},
             **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
         write_json(out / "metrics.json", metrics)

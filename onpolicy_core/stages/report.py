@@ -1,32 +1,68 @@
-"""Stage `report`: one comparison of every evaluated model of the pipeline ("did it help?").
+"""Stage `report`: one comparison of every evaluated model of the pipeline ("did it help?"), with its
+uncertainty.
 
-Reads <paths.eval>/<model>/metrics.json for the base model and each training run, and the DDT
-summary of each training set (<paths.score>/<data>/summary.json). Writes report.md (benchmark x
-model table with deltas against base and against SFT, plus every metric and the DDT statistics of
-each training set), comparison.png (grouped bars) and comparison.json, and logs them as artefacts of
-the pipeline's parent MLflow run (and of its own stage run).
+Reads, for the base model and each training run, `<paths.eval>/<model>/records.parquet` (every graded
+response) and `metrics.json`; the DDT summary of each training set (`<paths.score>/<data>/summary.json`)
+and the realignment summary of each variant (`<paths.realign>/<variant>/summary.json`). Writes:
+
+- report.md: per benchmark, every model (runs of one method and data under several seeds as one row,
+  mean +- sd over seeds) with n, the headline accuracy and the strict (\\boxed{}-only) accuracy with
+  95% intervals, the truncation rate, and paired comparisons with the base model and the SFT
+  reference on the same problems (p-values raw and Holm-adjusted); a verdict that says "no
+  significant difference" where the data cannot separate two methods; flags for models that learnt
+  to not stop; the realignment rejections; the DDT statistics of all three training sets beside the
+  paper's reference values.
+- comparison.png (bars with 95% intervals, or +- sd over seeds) and comparison.json (every number).
+
+The statistics are `onpolicy_core.statistics` (scipy / statsmodels).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from onpolicy_core.config import (
+    REALIGN_VARIANTS,
+    TRAIN_DATA,
     EvalConfig,
     PathsConfig,
     ReportConfig,
     TrackingConfig,
     parse_run,
+    run_group,
     to_dict,
 )
+from onpolicy_core.evaluation import pass_at_k
 from onpolicy_core.io import InputError, atomic_path, write_json, write_text
 from onpolicy_core.stages.eval import BASE
+from onpolicy_core.statistics import (
+    Comparison,
+    Estimate,
+    bootstrap_mean,
+    holm,
+    mcnemar_exact,
+    paired_bootstrap,
+    t_interval,
+    wilson,
+)
 from onpolicy_core.tracking import log_artifacts_to, stage_run
 
 log = logging.getLogger(__name__)
+
+ALPHA = 0.05
+TRUNCATION_FLAG = 0.20
+"""A trained model whose truncated_rate exceeds the base model's by more than this is flagged."""
+SMOKE_SCALE = 100
+"""Below this many problems per benchmark the report says it is smoke-scale."""
+PAPER_AVG_PHI = {"original": "< -0.1 (ground truth)", "self_distill": "< -0.1", "hinted": "about -0.05"}
+"""The paper's avg-phi of each kind of training data (Sec. 3-4), for side-by-side reading."""
 
 
 def metric_key(cfg: ReportConfig, samples: int) -> str:
@@ -34,86 +70,297 @@ def metric_key(cfg: ReportConfig, samples: int) -> str:
     return {"greedy": "greedy_accuracy", "avg@k": "avg_at_k", "pass@k": f"pass_at_{samples}"}[cfg.metric]
 
 
-def comparison(results: dict[str, dict[str, dict]], key: str, sft_reference: str) -> dict[str, dict[str, dict]]:
-    """Per model and benchmark: the headline value and its deltas against base and the SFT reference
-    (None where that model was not evaluated or lacks the metric)."""
-    def value(model: str, bench: str):
-        return results.get(model, {}).get(bench, {}).get(key)
+def per_problem(records: list[dict], metric: str, samples: int, strict: bool = False) -> dict[str, dict[str, float]]:
+    """{benchmark: {problem_id: value}} of the headline metric: greedy correctness (0/1), the share of
+    correct samples (Avg@k) or the unbiased pass@k estimate, from every graded response."""
+    column = "strict_correct" if strict else "correct"
+    mode = "greedy" if metric == "greedy" else "sample"
+    cells: dict[str, dict[str, list[bool]]] = {}
+    for r in records:
+        if r["mode"] == mode:
+            cells.setdefault(r["benchmark"], {}).setdefault(r["problem_id"], []).append(bool(r.get(column, False)))
+    out: dict[str, dict[str, float]] = {}
+    for bench, problems in cells.items():
+        if metric == "pass@k":
+            out[bench] = {pid: pass_at_k(len(v), sum(v), samples) for pid, v in problems.items()}
+        else:
+            out[bench] = {pid: sum(v) / len(v) for pid, v in problems.items()}
+    return out
 
+
+@dataclass
+class Group:
+    """One method x data (or the base model): its runs (one per seed) and their per-problem values."""
+
+    name: str
+    runs: list[str]
+    values: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """run -> benchmark -> problem -> headline value."""
+    strict: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """The same, strictly graded."""
+
+
+def group_runs(runs: list[str]) -> dict[str, list[str]]:
+    """Runs by '<method>-<data>' (seeds of one combination together), base first, order kept."""
+    groups: dict[str, list[str]] = {BASE: [BASE]}
+    for run in runs:
+        groups.setdefault(run_group(run), []).append(run)
+    return groups
+
+
+def _matrix(group: Group, bench: str, ids: list[str], strict: bool = False) -> np.ndarray:
+    """[seeds, problems] of a group's values on the given problems (NaN where a run lacks one)."""
+    source = group.strict if strict else group.values
+    return np.array([[source[run].get(bench, {}).get(pid, np.nan) for pid in ids] for run in group.runs], dtype=float)
+
+
+def estimate(group: Group, bench: str, ids: list[str], metric: str, strict: bool = False) -> dict:
+    """Value, 95% interval and n of a group; with several seeds also the per-seed values and their sd."""
+    m = _matrix(group, bench, ids, strict)
+    per_seed = np.nanmean(m, axis=1)
+    per_problem_mean = np.nanmean(m, axis=0)
+    if metric == "greedy" and m.shape[0] == 1:
+        e: Estimate = wilson(int(np.nansum(m[0])), len(ids))
+        method = "Wilson"
+    else:
+        e = bootstrap_mean(per_problem_mean)
+        method = "bootstrap over problems"
+    return {"value": e.value, "low": e.low, "high": e.high, "n": e.n, "interval": method, "seeds": m.shape[0],
+            "per_seed": per_seed.tolist(), "sd": float(np.std(per_seed, ddof=1)) if m.shape[0] > 1 else None}
+
+
+def compare(a: Group, b: Group, bench: str, ids: list[str], metric: str) -> Comparison:
+    """A minus B on the same problems: exact McNemar for one-seed greedy runs, else paired bootstrap
+    on the per-problem values averaged over seeds."""
+    ma, mb = _matrix(a, bench, ids), _matrix(b, bench, ids)
+    if metric == "greedy" and ma.shape[0] == 1 and mb.shape[0] == 1:
+        return mcnemar_exact(ma[0] > 0.5, mb[0] > 0.5)
+    return paired_bootstrap(np.nanmean(ma, axis=0), np.nanmean(mb, axis=0))
+
+
+def _comparison_dict(c: Comparison | None) -> dict | None:
+    if c is None:
+        return None
+    return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "n": c.n, "test": c.test}
+
+
+def build_table(groups: list[Group], benches: list[str], metric: str, sft_reference: str) -> dict:
+    """Per benchmark and group: estimates (headline and strict) and comparisons with base and SFT,
+    with Holm-adjusted p-values within each benchmark and reference."""
+    by_name = {g.name: g for g in groups}
+    sft = run_group(sft_reference) if sft_reference else None
     table: dict[str, dict[str, dict]] = {}
-    for model, per_bench in results.items():
-        table[model] = {}
-        for bench in per_bench:
-            v, base, sft = value(model, bench), value(BASE, bench), value(sft_reference, bench)
-            table[model][bench] = {
-                "value": v,
-                "vs_base": None if v is None or base is None or model == BASE else v - base,
-                "vs_sft": None if v is None or sft is None or model in (BASE, sft_reference) else v - sft,
-            }
+    for bench in benches:
+        ids = sorted(by_name[BASE].values[BASE].get(bench, {}))
+        table[bench] = {}
+        for g in groups:
+            if not all(bench in g.values[r] for r in g.runs):
+                continue
+            cell = {"estimate": estimate(g, bench, ids, metric), "strict": estimate(g, bench, ids, metric, strict=True),
+                    "vs_base": None, "vs_sft": None}
+            if g.name != BASE:
+                cell["vs_base"] = _comparison_dict(compare(g, by_name[BASE], bench, ids, metric))
+            if sft in by_name and g.name not in (BASE, sft):
+                cell["vs_sft"] = _comparison_dict(compare(g, by_name[sft], bench, ids, metric))
+            table[bench][g.name] = cell
+        for ref in ("vs_base", "vs_sft"):
+            cells = [c[ref] for c in table[bench].values() if c[ref] is not None]
+            for c, adjusted in zip(cells, holm([c["p_value"] for c in cells])):
+                c["p_holm"] = adjusted
     return table
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
-def _data_of(model: str) -> str | None:
-    return None if model == BASE else parse_run(model)[1]
+def _p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def render_markdown(table: dict, results: dict, ddt: dict[str, dict], metric: str, sft_reference: str) -> str:
-    benches = list(next(iter(results.values())).keys())
-    lines = [f"# Comparison: {metric} (%)", "",
-             f"Each cell: value (Δ vs base / Δ vs {sft_reference}), in percentage points. "
-             "Training-set avg φ is the mean DDT score of the data the model was trained on (closer to 0 = more on-policy).", "",
-             "| model | train-set avg φ | " + " | ".join(benches) + " |",
-             "|---|---|" + "---|" * len(benches)]
-    for model, cells in table.items():
-        data = _data_of(model)
-        phi = ddt.get(data, {}).get("avg_phi_mean") if data else None
-        row = [model, "–" if phi is None else f"{phi:.3f}"]
-        for b in benches:
-            c = cells[b]
-            row.append(f"{_pct(c['value'])} ({_pct(c['vs_base'], True)} / {_pct(c['vs_sft'], True)})")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Every metric", ""]
-    for b in benches:
-        keys = sorted({k for m in results.values() for k in m.get(b, {})})
-        lines += [f"### {b}", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        for model, per_bench in results.items():
-            m = per_bench.get(b, {})
-            lines.append("| " + model + " | " + " | ".join("–" if m.get(k) is None else f"{m[k]:.4g}" for k in keys) + " |")
+def _estimate_text(e: dict) -> str:
+    if e["seeds"] > 1:
+        return f"{_pct(e['value'])} ± {_pct(e['sd'])} sd [{_pct(e['low'])}, {_pct(e['high'])}]"
+    return f"{_pct(e['value'])} [{_pct(e['low'])}, {_pct(e['high'])}]"
+
+
+def _comparison_text(c: dict | None) -> str:
+    if c is None:
+        return "–"
+    return f"{_pct(c['diff'], True)} [{_pct(c['low'], True)}, {_pct(c['high'], True)}], p {_p(c['p_value'])} (Holm {_p(c.get('p_holm'))})"
+
+
+def _significance(c: dict) -> str:
+    p = c.get("p_holm", c["p_value"])
+    if p is None or math.isnan(p) or p >= ALPHA:
+        return "no significant difference"
+    return "significantly higher" if c["diff"] > 0 else "significantly lower"
+
+
+def verdict(table: dict, sft_reference: str) -> list[str]:
+    """Plain sentences: the best model per benchmark, and each method against SFT and base, saying
+    'no significant difference' where the paired test cannot separate them (Holm-adjusted, alpha 0.05)."""
+    sft = run_group(sft_reference) if sft_reference else None
+    lines = []
+    for bench, cells in table.items():
+        best = max(cells, key=lambda g: cells[g]["estimate"]["value"])
+        lines.append(f"- **{bench}**: highest point estimate {best} ({_estimate_text(cells[best]['estimate'])}).")
+        for name, cell in cells.items():
+            for ref, ref_name in (("vs_sft", sft), ("vs_base", BASE)):
+                c = cell[ref]
+                if c is not None:
+                    lines.append(f"  - {name} vs {ref_name}: {_pct(c['diff'], True)} points, {_significance(c)} "
+                                 f"(p {_p(c['p_value'])}, Holm {_p(c.get('p_holm'))}, n = {c['n']}).")
+        separated = [n for n, c in cells.items() if c["vs_sft"] is not None and _significance(c["vs_sft"]) != "no significant difference"]
+        if sft in cells and not separated:
+            lines.append(f"  - No method differs significantly from {sft} on {bench} at n = {cells[sft]['estimate']['n']}.")
+    return lines
+
+
+def truncation_flags(results: dict[str, dict], runs: list[str]) -> list[str]:
+    """Trained models whose truncated_rate exceeds the base model's by more than TRUNCATION_FLAG."""
+    flags = []
+    for run in runs:
+        for bench, m in results.get(run, {}).items():
+            base = results.get(BASE, {}).get(bench, {}).get("truncated_rate")
+            if base is not None and m.get("truncated_rate") is not None and m["truncated_rate"] - base > TRUNCATION_FLAG:
+                flags.append(f"{run} on {bench}: truncated_rate {_pct(m['truncated_rate'])}% vs base {_pct(base)}% "
+                             f"(+{_pct(m['truncated_rate'] - base)} points): it has learnt to not stop.")
+    return flags
+
+
+def ddt_statistics(paths: PathsConfig) -> dict[str, dict]:
+    """avg-phi of every training set (original, self-distilled, hinted) with n, sd and a 95% t-interval."""
+    out = {}
+    for data in TRAIN_DATA:
+        summary = Path(paths.score) / data / "summary.json"
+        if not summary.exists():
+            log.warning("no DDT summary for training set %r at %s; the report omits it", data, summary)
+            continue
+        s = json.loads(summary.read_text())
+        if "avg_phi" not in s:
+            continue
+        n = s.get("scored_examples", s["examples"])
+        sd = s["avg_phi"]["std"] * math.sqrt(n / (n - 1)) if n > 1 else float("nan")  # summary std is the population sd
+        low, high = t_interval(s["avg_phi"]["mean"], sd, n)
+        out[data] = {"examples": n, "avg_phi_mean": s["avg_phi"]["mean"], "avg_phi_sd": sd, "low": low, "high": high,
+                     "frac_phi_gt_-1": s["token_phi"].get("frac_phi_gt_-1"), "paper": PAPER_AVG_PHI[data]}
+    return out
+
+
+def realign_statistics(paths: PathsConfig) -> dict[str, dict]:
+    out = {}
+    for variant in REALIGN_VARIANTS:
+        summary = Path(paths.realign) / variant / "summary.json"
+        if summary.exists():
+            s = json.loads(summary.read_text())
+            n = s["examples"]
+            verified = round((s.get("verified_rate") or 0.0) * n)
+            ci = wilson(verified, n)
+            out[variant] = {"examples": n, "verified": verified, "verified_ci": [ci.low, ci.high],
+                            "eos_rate": s.get("eos_rate"), "rejections": s.get("rejections", {}), "mean_tokens": s.get("mean_tokens")}
+    return out
+
+
+def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, realign: dict, metric: str,
+                    sft_reference: str, flags: list[str]) -> str:
+    ns = [c["estimate"]["n"] for cells in table.values() for c in cells.values()]
+    n_min = min(ns) if ns else 0
+    lines = [f"# Comparison: {metric} accuracy (%)", ""]
+    if n_min < SMOKE_SCALE:
+        widest = wilson(n_min // 2, n_min)  # the interval is widest near 50%
+        half = 50 * (widest.high - widest.low)
+        lines += [(f"> **Smoke scale.** {n_min} problems per benchmark: one accuracy's 95% interval is up to ±{half:.0f} points "
+                   "wide, so these numbers show the pipeline working, not which method wins. The `study` preset is sized to answer that."),
+                  ""]
+    lines += [
+        ("Each accuracy: value [95% interval] over n problems (Wilson for one greedy run; bootstrap over problems for Avg@k, "
+         "pass@k and means over seeds). *Strict* counts only an answer inside `\\boxed{}`; the headline (lenient) value also "
+         "accepts the last number of a response, as Qwen-style evaluation does. Δ: difference on the same problems "
+         "[95% paired bootstrap interval], p-value of the paired test (exact McNemar for one greedy run each, else paired "
+         "bootstrap), Holm-adjusted within each benchmark and reference. Several seeds of one method: mean ± sd over seeds."),
+        "", "## Verdict", "", *verdict(table, sft_reference), ""]
+    if flags:
+        lines += ["## Warnings", "", *[f"- ⚠ {f}" for f in flags], ""]
+    sft = run_group(sft_reference) if sft_reference else "sft"
+    for bench, cells in table.items():
+        n = next(iter(cells.values()))["estimate"]["n"]
+        lines += [f"## {bench} (n = {n})", "",
+                  f"| model | seeds | {metric} [95% CI] | strict [95% CI] | truncated | Δ vs base | Δ vs {sft} |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, c in cells.items():
+            runs = next(g.runs for g in groups if g.name == name)
+            trunc = [results[r][bench].get("truncated_rate") for r in runs if bench in results.get(r, {})]
+            trunc_text = _pct(float(np.mean(trunc))) + "%" if trunc and None not in trunc else "–"
+            lines.append(f"| {name} | {c['estimate']['seeds']} | {_estimate_text(c['estimate'])} | {_estimate_text(c['strict'])} | "
+                         f"{trunc_text} | {_comparison_text(c['vs_base'])} | {_comparison_text(c['vs_sft'])} |")
+        lines.append("")
+    lines += ["## Every metric of every run", ""]
+    for bench in table:
+        keys = sorted({k for m in results.values() for k in m.get(bench, {})})
+        lines += [f"### {bench}", "", "| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for run, per_bench in results.items():
+            m = per_bench.get(bench, {})
+            lines.append("| " + run + " | " + " | ".join("–" if m.get(k) is None else f"{m[k]:.4g}" for k in keys) + " |")
+        lines.append("")
+    if realign:
+        lines += ["## Realignment (Hinted Decoding) of the training set", "",
+                  "Verified: ended with EOS, answer inside `\\boxed{}` equal to the gold answer (math-verify), no repetition.", "",
+                  "| variant | examples | verified [95% CI] | EOS rate | rejected: repetitive | truncated | no boxed answer | wrong answer |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for variant, s in realign.items():
+            r, n = s["rejections"], s["examples"]
+            lines.append(f"| {variant} | {n} | {_pct(s['verified'] / n if n else None)} [{_pct(s['verified_ci'][0])}, "
+                         f"{_pct(s['verified_ci'][1])}] | {_pct(s['eos_rate'])}% | {r.get('repetitive', 0)} | {r.get('truncated', 0)} | "
+                         f"{r.get('no_boxed_answer', 0)} | {r.get('wrong_answer', 0)} |")
         lines.append("")
     if ddt:
         lines += ["## DDT statistics of the training sets", "",
-                  "| data | examples | avg φ mean | avg φ std | share of tokens φ > -1 | share φ > 0 |", "|---|---|---|---|---|---|"]
+                  ("avg φ: per example, the mean over its tokens of φ = log p + H under the base model (0 = what the model "
+                   "itself would write). The paper reports ground-truth and self-distilled data below -0.1 and Hinted "
+                   "Decoding near -0.05."), "",
+                  "| data | n | avg φ mean [95% CI] | sd | share of tokens φ > -1 | paper |", "|---|---|---|---|---|---|"]
         for data, s in ddt.items():
-            lines.append(f"| {data} | {s['examples']} | {s['avg_phi_mean']:.3f} | {s['avg_phi_std']:.3f} | "
-                         f"{_pct(s.get('frac_phi_gt_-1'))}% | {_pct(s.get('frac_pos'))}% |")
+            lines.append(f"| {data} | {s['examples']} | {s['avg_phi_mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | "
+                         f"{s['avg_phi_sd']:.3f} | {_pct(s['frac_phi_gt_-1'])}% | {s['paper']} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_comparison(table: dict, metric: str, path: Path) -> None:
+    """Grouped bars per benchmark with 95% intervals (one run) or +- sd over seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    models = list(table)
-    benches = list(next(iter(table.values())).keys())
+    benches = list(table)
+    models = list(dict.fromkeys(m for cells in table.values() for m in cells))
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benches) * max(1, len(models) / 3)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benches) * max(1, len(models) / 3)), 4.2))
     x = np.arange(len(benches))
     for i, model in enumerate(models):
-        values = [100 * (table[model][b]["value"] or 0.0) for b in benches]
-        bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values, width, label=model)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        values, errors = [], [[], []]
+        for b in benches:
+            e = table[b].get(model, {}).get("estimate")
+            v = 100 * e["value"] if e else 0.0
+            if e and e["seeds"] > 1:
+                lo = hi = 100 * e["sd"]
+            elif e:
+                lo, hi = v - 100 * e["low"], 100 * e["high"] - v
+            else:
+                lo = hi = 0.0
+            values.append(v)
+            errors[0].append(lo)
+            errors[1].append(hi)
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values, width, yerr=errors, capsize=3, label=model)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
     ax.set_xticks(x, benches)
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} by benchmark and model")
+    ax.set_ylabel(f"{metric} accuracy (%)")
+    ax.set_title(f"{metric} by benchmark and model (error bars: 95% interval; ± sd over seeds)", fontsize=10)
     ax.legend(fontsize=8, ncol=min(len(models), 3))
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -121,43 +368,52 @@ def plot_comparison(table: dict, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def ddt_statistics(paths: PathsConfig, datas: list[str]) -> dict[str, dict]:
-    out = {}
-    for data in datas:
-        summary = Path(paths.score) / data / "summary.json"
-        if summary.exists():
-            s = json.loads(summary.read_text())
-            out[data] = {"examples": s["examples"], "avg_phi_mean": s["avg_phi"]["mean"], "avg_phi_std": s["avg_phi"]["std"],
-                         **{k: v for k, v in s["token_phi"].items() if k.startswith("frac")}}
-        else:
-            log.warning("no DDT summary for training set %r at %s; the report omits it", data, summary)
-    return out
+def _read_records(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=None).to_pylist()
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable eval records file ({exc.__class__.__name__}: {exc})") from exc
 
 
 def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, eval_cfg: EvalConfig, runs: list[str]) -> dict:
     """Gather the evaluation of base + `runs` into <paths.report>/{report.md, comparison.png, comparison.json}."""
+    for run in runs:
+        parse_run(run)
     models = [BASE, *runs]
-    missing = [str(Path(paths.eval) / m / "metrics.json") for m in models if not (Path(paths.eval) / m / "metrics.json").exists()]
+    needed = [Path(paths.eval) / m / f for m in models for f in ("metrics.json", "records.parquet")]
+    missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise InputError(f"no evaluation for {missing}; run `dvc repro` (or `onpolicy eval --model <name>`) first")
     results = {m: json.loads((Path(paths.eval) / m / "metrics.json").read_text()) for m in models}
-    key = metric_key(cfg, eval_cfg.samples)
-    table = comparison(results, key, cfg.sft_reference)
-    datas = list(dict.fromkeys(d for d in map(_data_of, runs) if d))
-    ddt = ddt_statistics(paths, datas)
+    groups = []
+    for name, members in group_runs(runs).items():
+        g = Group(name, members)
+        for run in members:
+            records = _read_records(Path(paths.eval) / run / "records.parquet")
+            g.values[run] = per_problem(records, cfg.metric, eval_cfg.samples)
+            g.strict[run] = per_problem(records, cfg.metric, eval_cfg.samples, strict=True)
+        groups.append(g)
+    benches = list(results[BASE])
+    table = build_table(groups, benches, cfg.metric, cfg.sft_reference)
+    ddt, realign = ddt_statistics(paths), realign_statistics(paths)
+    flags = truncation_flags(results, runs)
     out = Path(paths.report)
-    config = {"report": to_dict(cfg), "models": models, "metric_key": key}
-    inputs = [Path(paths.eval) / m / "metrics.json" for m in models] + [Path(paths.score) / d / "summary.json" for d in datas]
+    config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
+    inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
     with stage_run("report", config, tracking, inputs=inputs) as run:
-        write_text(out / "report.md", render_markdown(table, results, ddt, cfg.metric, cfg.sft_reference))
+        write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags))
         plot_comparison(table, cfg.metric, out / "comparison.png")
-        comparison_json = {"metric": cfg.metric, "metric_key": key, "table": table, "results": results, "ddt": ddt}
+        comparison_json = {"metric": cfg.metric, "metric_key": config["metric_key"], "alpha": ALPHA, "table": table,
+                           "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags}
         write_json(out / "comparison.json", comparison_json)
         files = [out / "report.md", out / "comparison.png", out / "comparison.json"]
         for f in files:
             run.log_artifact(f)
-        run.log_metrics({f"{m}/{b}/{key}": c["value"] for m, cells in table.items() for b, c in cells.items() if c["value"] is not None})
+        run.log_metrics({f"{m}/{b}/{config['metric_key']}": c["estimate"]["value"] for b, cells in table.items()
+                         for m, c in cells.items() if not math.isnan(c["estimate"]["value"])})
         if parent := os.environ.get("ONPOLICY_PARENT_RUN_ID"):
             log_artifacts_to(parent, files, tracking, artifact_path="report")
-    log.info("report: %d models x %d benchmarks -> %s", len(models), len(eval_cfg.benchmarks), out / "report.md")
+    log.info("report: %d models x %d benchmarks -> %s", len(models), len(benches), out / "report.md")
     return comparison_json

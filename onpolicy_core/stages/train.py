@@ -8,6 +8,7 @@ from its last checkpoint (optimizer, scheduler, step and so IDFT's lambda schedu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from onpolicy_core.config import PathsConfig, TrackingConfig, TrainConfig, parse_run, to_dict
+from onpolicy_core.config import PathsConfig, TrackingConfig, TrainConfig, parse_run, run_seed, to_dict
 from onpolicy_core.generation import HFGenerator, SamplingSpec
 from onpolicy_core.grading import grade
 from onpolicy_core.io import atomic_dir, atomic_path, read_jsonl, write_json
@@ -182,17 +183,18 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 
 def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, run: str) -> dict:
-    """Train `run` ('<method>-<data>'); write <paths.train>/<run>/model and metrics.json."""
+    """Train `run` ('<method>-<data>[-s<seed>]'); write <paths.train>/<run>/model and metrics.json."""
     method, data = parse_run(run)
+    cfg = dataclasses.replace(cfg, seed=run_seed(run, cfg.seed))
     out = Path(paths.train) / run
     checkpoints = Path(paths.train) / ".checkpoints" / run
     problems = [Problem.from_dict(r) for r in read_jsonl(data_path(paths, data))]
     config = {"train": to_dict(cfg), "run": run, "method": method, "data": data}
     with stage_run("train", config, tracking, run_name=f"train-{run}",
                    inputs=[paths.model, data_path(paths, data)]) as handle:
-        handle.set_tags({"onpolicy.method": method, "onpolicy.data": data})
+        handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.seed)})
         model, tokenizer = load_materialised(paths.model)
-        summary: dict = {"run": run, "method": method, "data": data, "mlflow_run_id": handle.run_id}
+        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.seed, "mlflow_run_id": handle.run_id}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
         resume = _last_checkpoint(checkpoints)
         if resume:

@@ -1,0 +1,115 @@
+"""The report stage from recorded evaluations (no model): n and intervals in every cell, paired tests
+against base and SFT, seeds aggregated, the verdict's wording, truncation flags, realignment
+rejections and the DDT statistics of all three training sets."""
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from onpolicy_core.config import EvalConfig, PathsConfig, ReportConfig, TrackingConfig
+from onpolicy_core.io import InputError, write_json
+from onpolicy_core.stages.report import run_report
+from onpolicy_core.statistics import mcnemar_exact, wilson
+
+N = 120
+
+
+def _record(bench, pid, correct, mode="greedy", sample=0, boxed=True):
+    return {"benchmark": bench, "problem_id": f"{bench}-{pid:03d}", "mode": mode, "sample": sample, "correct": correct,
+            "strict_correct": correct and boxed, "n_tokens": 10, "finish_reason": "stop"}
+
+
+def _fake_eval(paths, name, n_correct: dict[str, int], truncated=0.0, unboxed=0):
+    """Greedy records: the first n_correct problems right (the first `unboxed` of those without \\boxed{})."""
+    rows = [_record(b, i, i < k, boxed=i >= unboxed) for b, k in n_correct.items() for i in range(N)]
+    folder = f"{paths.eval}/{name}"
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), f"{folder}/records.parquet")
+    write_json(f"{folder}/metrics.json", {b: {"greedy_accuracy": k / N, "problems": N, "truncated_rate": truncated}
+                                          for b, k in n_correct.items()})
+
+
+@pytest.fixture
+def paths(tmp_path):
+    p = PathsConfig(eval=str(tmp_path / "eval"), score=str(tmp_path / "score"), realign=str(tmp_path / "realign"),
+                    report=str(tmp_path / "report"))
+    _fake_eval(p, "base", {"arithmetic": 30, "arithmetic_ood": 12}, truncated=0.05)
+    _fake_eval(p, "sft-original", {"arithmetic": 60, "arithmetic_ood": 20}, truncated=0.05, unboxed=6)
+    _fake_eval(p, "idft-original", {"arithmetic": 64, "arithmetic_ood": 22})
+    _fake_eval(p, "idft-original-s1", {"arithmetic": 66, "arithmetic_ood": 24})
+    _fake_eval(p, "idft-hinted", {"arithmetic": 90, "arithmetic_ood": 21}, truncated=0.40)
+    for data, phi in (("original", -0.29), ("self_distill", -0.15), ("hinted", -0.04)):
+        write_json(f"{p.score}/{data}/summary.json", {"examples": 64, "scored_examples": 64, "avg_phi": {"mean": phi, "std": 0.1},
+                                                       "token_phi": {"frac_pos": 0.8, "frac_phi_gt_-1": 0.9}})
+    write_json(f"{p.realign}/hinted/summary.json", {"examples": 32, "verified_rate": 0.5, "eos_rate": 0.75, "mean_tokens": 70,
+                                                    "rejections": {"repetitive": 3, "truncated": 5, "no_boxed_answer": 2, "wrong_answer": 6}})
+    return p
+
+
+RUNS = ["sft-original", "idft-original", "idft-original-s1", "idft-hinted"]
+
+
+def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("test-report")
+    with mlflow.start_run(run_name="pipeline") as parent:
+        pass
+    monkeypatch.setenv("ONPOLICY_PARENT_RUN_ID", parent.info.run_id)
+    out = run_report(ReportConfig(metric="greedy"), paths, TrackingConfig(experiment="test-report"), EvalConfig(samples=0), RUNS)
+    arith = out["table"]["arithmetic"]
+    assert list(arith) == ["base", "sft-original", "idft-original", "idft-hinted"], "seeds of one method are one row"
+    sft = arith["sft-original"]
+    expected = wilson(60, N)
+    assert (sft["estimate"]["value"], sft["estimate"]["low"], sft["estimate"]["high"], sft["estimate"]["n"]) == \
+        pytest.approx((expected.value, expected.low, expected.high, N))
+    assert sft["strict"]["value"] == pytest.approx(54 / N), "strict accuracy drops the 6 unboxed answers"
+    # one greedy run each: exact McNemar on the same problems
+    assert sft["vs_base"]["test"] == "exact McNemar"
+    assert sft["vs_base"]["p_value"] == pytest.approx(mcnemar_exact([i < 60 for i in range(N)], [i < 30 for i in range(N)]).p_value)
+    # two seeds: mean +- sd over seeds, paired bootstrap on the per-problem mean
+    idft = arith["idft-original"]
+    assert idft["estimate"]["seeds"] == 2 and idft["estimate"]["value"] == pytest.approx(65 / N)
+    assert idft["estimate"]["sd"] == pytest.approx(abs(64 - 66) / N / 2**0.5)
+    assert idft["vs_sft"]["test"] == "paired bootstrap" and idft["vs_sft"]["p_holm"] >= idft["vs_sft"]["p_value"]
+
+    md = Path(paths.report, "report.md").read_text()
+    assert "## arithmetic (n = 120)" in md
+    assert "idft-original vs sft-original: +2.5 points, no significant difference (p 0.038, Holm 0.076" in md, "Holm decides"
+    assert "idft-hinted vs sft-original: +25.0 points, significantly higher" in md
+    assert "idft-original | 2 | 54.2 ± 1.2 sd" in md
+    assert "⚠ idft-hinted on arithmetic: truncated_rate 40.0% vs base 5.0%" in md
+    assert "Smoke scale" not in md
+    assert "| hinted | 32 | 50.0 [" in md and "| 3 | 5 | 2 | 6 |" in md, "realignment rejections by reason"
+    for data, paper in (("original", "< -0.1 (ground truth)"), ("self_distill", "< -0.1"), ("hinted", "about -0.05")):
+        assert f"| {data} | 64 |" in md and paper in md
+    assert Path(paths.report, "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
+    assert artifacts == {"report/report.md", "report/comparison.png", "report/comparison.json"}
+    saved = json.loads(Path(paths.report, "comparison.json").read_text())
+    assert saved["table"]["arithmetic_ood"]["idft-hinted"]["vs_base"]["n"] == N
+
+
+def test_small_samples_are_called_smoke_scale(paths, tmp_path):
+    small = PathsConfig(eval=str(tmp_path / "small"), report=str(tmp_path / "small-report"), score=paths.score)
+    global N
+    saved, N = N, 16
+    try:
+        _fake_eval(small, "base", {"arithmetic": 2})
+        _fake_eval(small, "sft-original", {"arithmetic": 5})
+        _fake_eval(small, "idft-original", {"arithmetic": 6})
+        run_report(ReportConfig(), small, TrackingConfig(enabled=False), EvalConfig(), ["sft-original", "idft-original"])
+    finally:
+        N = saved
+    md = Path(small.report, "report.md").read_text()
+    assert "**Smoke scale.** 16 problems per benchmark" in md
+    assert "No method differs significantly from sft-original on arithmetic at n = 16." in md
+
+
+def test_report_without_an_evaluation_names_the_missing_file(paths):
+    with pytest.raises(InputError, match=r"dft-original/metrics.json"):
+        run_report(ReportConfig(), paths, TrackingConfig(enabled=False), EvalConfig(), ["dft-original"])
