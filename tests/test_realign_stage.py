@@ -56,6 +56,11 @@ def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embed
         assert 0 < r["n_tokens"] <= 24 and isinstance(r["realigned"], str)
         assert r["avg_phi_original"] < 0.5 and r["outcome"] in ("realigned", "dropped")
     assert len(train) == sum(r["verified"] for r in records) == summary["outcomes"].get("realigned", 0)
+    for r in records:  # strict verification: never a cut-off, looping or unboxed response
+        assert not r["verified"] or (r["finish_reason"] == "eos" and r["boxed_answer"] is not None and r["rejection"] is None)
+        assert r["verified"] or r["rejection"] in realign_stage.REJECTIONS
+    assert sum(summary["rejections"].values()) == 5 - len(train)
+    assert summary["eos_rate"] == pytest.approx(sum(r["finish_reason"] == "eos" for r in records) / 5)
     assert all(t["solution"] == t_r["realigned"] for t in train for t_r in records if t_r["id"] == t["id"])
     assert summary["beta"] == 0.5 and set(summary["avg_phi"]) == {"original", "hinted", "hinted_verified"}
     metrics = json.loads((out / "metrics.json").read_text())
