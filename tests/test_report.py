@@ -113,3 +113,15 @@ def test_small_samples_are_called_smoke_scale(paths, tmp_path):
 def test_report_without_an_evaluation_names_the_missing_file(paths):
     with pytest.raises(InputError, match=r"dft-original/metrics.json"):
         run_report(ReportConfig(), paths, TrackingConfig(enabled=False), EvalConfig(), ["dft-original"])
+
+
+def test_plot_takes_accuracies_of_exactly_zero_and_one(tmp_path):
+    """An interval end a rounding error beyond 0% or 100% once made matplotlib refuse the error bars."""
+    from onpolicy_core.stages.report import plot_comparison
+
+    def cell(k):
+        e = wilson(k, 300)
+        return {"estimate": {"value": e.value, "low": e.low, "high": e.high, "n": 300, "seeds": 1, "sd": None}}
+
+    plot_comparison({"b": {"base": cell(0), "sft-original": cell(300)}}, "greedy", tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
