@@ -67,6 +67,8 @@ def verify(text: str, finish_reason: str, gold: str) -> tuple[bool, str | None, 
     if not verdict.correct:
         return False, "wrong_answer", verdict.extracted
     return True, None, verdict.extracted
+
+
 ANALYSIS_HEADER = "# Analysis\n"
 
 
