@@ -31,25 +31,31 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gsm8k(path: Path) -> list:
+    """The GSM8K problems of `path`, read as the gsm8k benchmark of the registry reads them."""
+    from onpolicy_core.data.registry import BENCHMARKS
+    from onpolicy_core.data.sources import load_source
+
+    return load_source(str(path), "gsm8k", BENCHMARKS["gsm8k"].fields, max_chars=10**6).problems
+
+
 def model_dir() -> Path:
     materialised = ROOT / "artifacts" / "model"
     if (materialised / "config.json").exists():
         return materialised
-    from onpolicy_core.config import ModelConfig, PathsConfig, TrackingConfig
+    from onpolicy_core.config import default_params
     from onpolicy_core.stages.model import run_model
 
     out = Path(tempfile.mkdtemp()) / "model"
-    run_model(ModelConfig(), PathsConfig(model=str(out)), TrackingConfig(enabled=False))
+    p = default_params([f"paths.model={out}", "tracking.enabled=false"])
+    run_model(p.model, p.paths, p.tracking)
     return out
 
 
 def pairs(n: int, tokenizer) -> list[tuple[list[int], list[int]]]:
-    from onpolicy_core.config import DataConfig, FieldMap
-    from onpolicy_core.data.sources import load_source
     from onpolicy_core.prompts import encode_pair, render_prompt
 
-    cfg = DataConfig(source=str(GSM8K_TRAIN), format="gsm8k", fields=FieldMap(question="question", solution="answer", answer=None))
-    problems = load_source(str(GSM8K_TRAIN), cfg).problems[:n]
+    problems = gsm8k(GSM8K_TRAIN)[:n]
     return [encode_pair(tokenizer, render_prompt(tokenizer, p.question), p.solution) for p in problems]
 
 

@@ -22,18 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from ddt_scoring import model_dir  # noqa: E402
+from ddt_scoring import gsm8k, model_dir  # noqa: E402
 
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def prompt_ids(n: int, tokenizer) -> list[list[int]]:
-    from onpolicy_core.config import DataConfig, FieldMap
-    from onpolicy_core.data.sources import load_source
     from onpolicy_core.prompts import render_prompt
 
-    cfg = DataConfig(source=str(GSM8K_TEST), format="gsm8k", fields=FieldMap(question="question", solution="answer", answer=None))
-    problems = load_source(str(GSM8K_TEST), cfg).problems[:n]
+    problems = gsm8k(GSM8K_TEST)[:n]
     return [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
 
 
@@ -50,10 +47,13 @@ def main() -> None:
     from onpolicy_core.generation import HFGenerator, SamplingSpec, VLLMGenerator
     from onpolicy_core.models import load_materialised
 
+    from onpolicy_core.config import default_params
+
+    vllm_1024 = __import__("dataclasses").replace(default_params().eval.vllm, max_model_len=1024)
     folder = model_dir()
     model, tok = load_materialised(folder)
     prompts = prompt_ids(args.n, tok)
-    spec = SamplingSpec(max_new_tokens=args.new_tokens)
+    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
     results = {}
 
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def main() -> None:
 
     try:
         start = time.perf_counter()
-        engine = VLLMGenerator(str(folder), tok, dtype="float32", max_model_len=1024)
+        engine = VLLMGenerator(str(folder), tok, vllm_1024, dtype="float32", seed=0)
         startup = time.perf_counter() - start
     except RuntimeError as exc:
         results["vllm"] = {"skipped": str(exc)}

@@ -28,19 +28,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from ddt_scoring import GSM8K_TRAIN, model_dir, rss_mb  # noqa: E402
+from ddt_scoring import GSM8K_TRAIN, gsm8k, model_dir, rss_mb  # noqa: E402
 
 
 def prompts(n: int, tokenizer):
-    from onpolicy_core.config import DataConfig, FieldMap
-    from onpolicy_core.data.sources import load_source
     from onpolicy_core.prompts import render_hinted_prompt, render_prompt
 
-    cfg = DataConfig(source=str(GSM8K_TRAIN), format="gsm8k", fields=FieldMap(question="question", solution="answer", answer=None))
-    problems = load_source(str(GSM8K_TRAIN), cfg).problems[:n]
+    problems = gsm8k(GSM8K_TRAIN)[:n]
     hinted = [tokenizer(render_hinted_prompt(tokenizer, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
     plain = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
     return hinted, plain
+
+
+def hinted_options(beta: float = 0.5, **decoding):
+    """(DecodeOptions, MixingOptions): params.yaml's realign settings with `decoding` fields replaced."""
+    import dataclasses
+
+    from onpolicy_core.config import default_params
+
+    realign = default_params().realign
+    return dataclasses.replace(realign.decoding, **decoding), dataclasses.replace(realign.mixing.hinted, beta=beta)
 
 
 def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dict:
@@ -48,33 +55,35 @@ def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dic
 
     import torch
 
-    from onpolicy_core.hinted import DecodeOptions, hinted_generate, reference_generate
+    from onpolicy_core.hinted import hinted_generate, reference_generate
     from onpolicy_core.models import load_materialised
 
     model, tok = load_materialised(folder)
     hinted, plain = prompts(n, tok)
-    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=new_tokens, answer_marker="\\boxed{",
-                         repetition_check_every=10**9)
-    hinted_generate(model, [hinted[0][:16]], [plain[0][:16]], DecodeOptions(greedy=True, max_new_tokens=2), [], tok.decode)
+    # The repetition guard off: every method decodes the same number of tokens.
+    opts = hinted_options(beta=0.5, greedy=True, max_new_tokens=new_tokens, answer_marker="\\boxed{", repetition_window=10**9)
+    hinted_generate(model, [hinted[0][:16]], [plain[0][:16]], *hinted_options(greedy=True, max_new_tokens=2), [], tok.decode)
     base = rss_mb()  # one loaded, warmed-up model
     plain_model = copy.deepcopy(model) if method == "official" else model
     start = time.perf_counter()
     if method == "vllm":
         from onpolicy_core.hinted_vllm import make_engine, vllm_hinted_generate
 
-        engine = make_engine(folder, max_model_len=2048)
-        vllm_hinted_generate(engine, [hinted[0][:16]], [plain[0][:16]], DecodeOptions(greedy=True, max_new_tokens=2), [])
+        from onpolicy_core.config import default_params
+
+        engine = make_engine(folder, default_params().realign.vllm, dtype="float32", seed=0)
+        vllm_hinted_generate(engine, [hinted[0][:16]], [plain[0][:16]], *hinted_options(greedy=True, max_new_tokens=2), [])
         base = rss_mb()
         start = time.perf_counter()
-        outs = vllm_hinted_generate(engine, hinted, plain, opts, [])
+        outs = vllm_hinted_generate(engine, hinted, plain, *opts, [])
         lost = sum(o is None for o in outs)
         outs = [o for o in outs if o is not None]
     elif method == "batched":
         outs = []
         for i in range(0, n, batch):
-            outs += hinted_generate(model, hinted[i : i + batch], plain[i : i + batch], opts, [], tok.decode, tok.pad_token_id)
+            outs += hinted_generate(model, hinted[i : i + batch], plain[i : i + batch], *opts, [], tok.decode, tok.pad_token_id)
     else:
-        outs = [reference_generate(model, plain_model, h, p, opts, [], tok.decode, use_cache=(method == "kv-cache"))
+        outs = [reference_generate(model, plain_model, h, p, *opts, [], tok.decode, use_cache=(method == "kv-cache"))
                 for h, p in zip(hinted, plain)]
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)

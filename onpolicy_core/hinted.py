@@ -47,24 +47,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
-LAMBDA_MODES = ("linear", "sigmoid", "piecewise")
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    beta: float = 0.5
-    lambda_mode: str = "linear"
-    sigmoid_center: float = 0.5
-    piecewise_bounds: tuple[float, float] = (0.3, 0.7)
-    temperature: float = 0.3
-    top_p: float = 0.95
-    greedy: bool = False
-    max_new_tokens: int = 256
-    answer_marker: str | None = "\\boxed{"
-    repetition_window: int = 10
-    repetition_count: int = 4
+from onpolicy_core.options import DecodeOptions, MixingOptions
 
 
 @dataclass
@@ -84,30 +72,36 @@ class Decoded:
         return sum(self.lambdas) / len(self.lambdas) if self.lambdas else None
 
 
-def mixing_lambda(h_norm: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+def mixing_lambda(h_norm: torch.Tensor, mixing: MixingOptions) -> torch.Tensor:
     """lambda from the hinted stream's normalised entropy h = H / log V (elementwise)."""
-    if opts.lambda_mode == "linear":
-        return torch.clamp(opts.beta * h_norm, 0.0, 1.0)
-    if opts.lambda_mode == "sigmoid":
-        return torch.sigmoid(opts.beta * (h_norm - opts.sigmoid_center))
-    if opts.lambda_mode == "piecewise":
-        lo, hi = opts.piecewise_bounds
-        return torch.clamp((h_norm - lo) / (hi - lo), 0.0, 1.0)
-    raise ValueError(f"lambda_mode must be one of {LAMBDA_MODES}, got {opts.lambda_mode!r}")
+    if mixing.lambda_mode == "linear":
+        return torch.clamp(mixing.beta * h_norm, 0.0, 1.0)
+    if mixing.lambda_mode == "sigmoid":
+        return torch.sigmoid(mixing.beta * (h_norm - mixing.sigmoid_center))
+    lo, hi = mixing.piecewise_bounds
+    return torch.clamp((h_norm - lo) / (hi - lo), 0.0, 1.0)
 
 
 # Phases of a pair: the first token is hinted-only, then mixing, then plain-only after the marker.
 FIRST, MIX, PLAIN = 0, 1, 2
 
 
-def mix_step(hint_logits: torch.Tensor, plain_logits: torch.Tensor, phase: torch.Tensor, opts: DecodeOptions):
-    """Mixed log-probabilities [B, V] and the lambda used per pair [B] for one decoding step."""
+def _weighted(weight: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """weight * logp with 0 * -inf = 0: a stream with weight 0 leaves its masked tokens alone."""
+    return torch.where(weight == 0, torch.zeros_like(logp), weight * logp)
+
+
+def mix_step(hint_logits: torch.Tensor, plain_logits: torch.Tensor, phase: torch.Tensor, mixing: MixingOptions):
+    """Mixed log-probabilities [B, V] and the lambda used per pair [B] for one decoding step.
+
+    -inf logits (a masked vocabulary, or a logits processor before this one) are allowed: they add
+    nothing to the entropy, and a token that is -inf in a stream with non-zero weight stays -inf."""
     log_h = torch.log_softmax(hint_logits.float(), dim=-1)
     log_p = torch.log_softmax(plain_logits.float(), dim=-1)
-    entropy = -(log_h.exp() * log_h).sum(-1)
-    lam = mixing_lambda(entropy / math.log(hint_logits.shape[-1]), opts)
+    entropy = -torch.special.xlogy(log_h.exp(), log_h.exp()).sum(-1)
+    lam = mixing_lambda(entropy / math.log(hint_logits.shape[-1]), mixing)
     lam = torch.where(phase == FIRST, torch.zeros_like(lam), torch.where(phase == PLAIN, torch.ones_like(lam), lam))
-    return (1.0 - lam)[:, None] * log_h + lam[:, None] * log_p, lam
+    return _weighted((1.0 - lam)[:, None], log_h) + _weighted(lam[:, None], log_p), lam
 
 
 def sample(logprobs: torch.Tensor, opts: DecodeOptions, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
@@ -236,6 +230,7 @@ def hinted_generate(
     hinted_prompts: Sequence[Sequence[int]],
     plain_prompts: Sequence[Sequence[int]],
     opts: DecodeOptions,
+    mixing: MixingOptions,
     eos_ids: Sequence[int],
     decode,
     pad_token_id: int = 0,
@@ -260,7 +255,7 @@ def hinted_generate(
     while active:
         logits = out.logits[:, -1, :]
         phase = torch.tensor([states[i].phase for i in active], device=logits.device)
-        logprobs, lam = mix_step(logits[0::2], logits[1::2], phase, opts)
+        logprobs, lam = mix_step(logits[0::2], logits[1::2], phase, mixing)
         tokens = sample(logprobs, opts, [states[i].generator for i in active])
         for j, i in enumerate(active):
             states[i].push(int(tokens[j]), float(lam[j]))
@@ -287,6 +282,7 @@ def reference_generate(
     hinted_prompt: Sequence[int],
     plain_prompt: Sequence[int],
     opts: DecodeOptions,
+    mixing: MixingOptions,
     eos_ids: Sequence[int],
     decode,
     seed: int | None = None,
@@ -312,7 +308,7 @@ def reference_generate(
             else:
                 out = model(input_ids=torch.tensor([ids], device=device), use_cache=False)
             logits.append(out.logits[:, -1, :])
-        logprobs, lam = mix_step(logits[0], logits[1], torch.tensor([state.phase]), opts)
+        logprobs, lam = mix_step(logits[0], logits[1], torch.tensor([state.phase]), mixing)
         token = int(sample(logprobs, opts, [state.generator])[0])
         state.push(token, float(lam[0]))
         hint_ids.append(token)

@@ -32,15 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import (
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
 
-from onpolicy_core.hinted import Decoded, DecodeOptions, _PairState, mix_step, sample
+from onpolicy_core.generation import make_vllm_engine
+from onpolicy_core.hinted import Decoded, _PairState, mix_step, sample
+from onpolicy_core.options import DecodeOptions, MixingOptions, VLLMOptions
 
 EXTRA_KEY = "onpolicy_hinted_decoding"
 HINT, PLAIN = "hint", "plain"
@@ -54,6 +59,7 @@ RESULTS: dict[str, Decoded | str] = {}
 class _Pair:
     key: str
     state: _PairState
+    mixing: MixingOptions
     eos: int
     rows: dict[str, int | None] = dataclasses.field(default_factory=lambda: {HINT: None, PLAIN: None})
     outputs: dict[str, list[int] | None] = dataclasses.field(default_factory=lambda: {HINT: None, PLAIN: None})
@@ -61,10 +67,10 @@ class _Pair:
     desync: bool = False
 
 
-def _options(spec: dict) -> DecodeOptions:
-    values = dict(spec["opts"])
-    values["piecewise_bounds"] = tuple(values["piecewise_bounds"])
-    return DecodeOptions(**values)
+def _options(spec: dict) -> tuple[DecodeOptions, MixingOptions]:
+    mixing = dict(spec["mixing"])
+    mixing["piecewise_bounds"] = tuple(mixing["piecewise_bounds"])
+    return DecodeOptions(**spec["opts"]), MixingOptions(**mixing)
 
 
 class HintedPairProcessor(LogitsProcessor):
@@ -116,9 +122,10 @@ class HintedPairProcessor(LogitsProcessor):
             key, role = spec["pair"], spec["role"]
             pair = self.pairs.get(key)
             if pair is None:
-                opts = _options(spec)
+                opts, mixing = _options(spec)
                 generator = None if opts.greedy else torch.Generator().manual_seed(int(spec["seed"]))
-                pair = self.pairs[key] = _Pair(key, _PairState(opts, set(spec["eos"]), self.decode, generator), int(spec["end"]))
+                pair = self.pairs[key] = _Pair(key, _PairState(opts, set(spec["eos"]), self.decode, generator), mixing,
+                                               int(spec["end"]))
             if role in pair.finished_roles:  # re-added after preemption: its partner ran on alone
                 self._desync(pair)
                 pair.finished_roles.discard(role)
@@ -159,7 +166,7 @@ class HintedPairProcessor(LogitsProcessor):
         return len(pair.outputs[HINT]) == done and len(pair.outputs[PLAIN]) == done
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        groups: dict[DecodeOptions, list[_Pair]] = {}
+        groups: dict[tuple[DecodeOptions, MixingOptions], list[_Pair]] = {}
         for pair in self.pairs.values():
             present = [r for r in pair.rows.values() if r is not None]
             if not present:
@@ -171,12 +178,12 @@ class HintedPairProcessor(LogitsProcessor):
                 for row in present:
                     self._force(logits, row, pair.eos)
                 continue
-            groups.setdefault(pair.state.opts, []).append(pair)
-        for opts, pairs in groups.items():
+            groups.setdefault((pair.state.opts, pair.mixing), []).append(pair)
+        for (opts, mixing), pairs in groups.items():
             hint_rows = [p.rows[HINT] for p in pairs]
             plain_rows = [p.rows[PLAIN] for p in pairs]
             phase = torch.tensor([p.state.phase for p in pairs])
-            logprobs, lam = mix_step(logits[hint_rows], logits[plain_rows], phase, opts)
+            logprobs, lam = mix_step(logits[hint_rows], logits[plain_rows], phase, mixing)
             tokens = sample(logprobs, opts, [p.state.generator for p in pairs])
             for pair, h, p, token, lam_j in zip(pairs, hint_rows, plain_rows, tokens.tolist(), lam.tolist()):
                 pair.state.push(int(token), float(lam_j))
@@ -188,20 +195,14 @@ class HintedPairProcessor(LogitsProcessor):
 
 
 @functools.lru_cache(maxsize=1)
-def make_engine(model_dir: str, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
-                max_num_batched_tokens: int = 16384, max_num_seqs: int = 256, cpu_kv_cache_gib: int = 2,
-                gpu_memory_utilization: float = 0.85, enforce_eager: bool = True):
+def make_engine(model_dir: str, options: VLLMOptions, dtype: str, seed: int, max_num_batched_tokens: int = 16384,
+                max_num_seqs: int = 256):
     """A vLLM engine with the processor, in this process (results come back through RESULTS).
     Cached: an in-process engine holds the device, so one process reuses one engine."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
-    from vllm import LLM
-
-    return LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager,
-               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, async_scheduling=False,
-               gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=1, disable_log_stats=True,
-               logits_processors=[HintedPairProcessor])
+    if options.tensor_parallel_size != 1:
+        raise ValueError("vLLM Hinted Decoding runs the engine in-process: tensor_parallel_size must be 1")
+    return make_vllm_engine(model_dir, options, dtype, seed, in_process=True, max_num_batched_tokens=max_num_batched_tokens,
+                            max_num_seqs=max_num_seqs, async_scheduling=False, logits_processors=[HintedPairProcessor])
 
 
 def _waves(sizes: Sequence[int], token_budget: int, max_pairs: int) -> list[list[int]]:
@@ -217,7 +218,8 @@ def _waves(sizes: Sequence[int], token_budget: int, max_pairs: int) -> list[list
 
 
 def vllm_hinted_generate(llm, hinted_prompts: Sequence[Sequence[int]], plain_prompts: Sequence[Sequence[int]],
-                         opts: DecodeOptions, eos_ids: Sequence[int], seeds: Sequence[int] | None = None) -> list[Decoded | None]:
+                         opts: DecodeOptions, mixing: MixingOptions, eos_ids: Sequence[int],
+                         seeds: Sequence[int] | None = None) -> list[Decoded | None]:
     """Hinted Decoding of each pair on `llm` (built by `make_engine`); None marks a desynced pair."""
     from vllm import SamplingParams
 
@@ -233,7 +235,8 @@ def vllm_hinted_generate(llm, hinted_prompts: Sequence[Sequence[int]], plain_pro
         requests, params = [], []
         for i in wave:
             for role, prompt in ((HINT, hinted_prompts[i]), (PLAIN, plain_prompts[i])):
-                spec = {"pair": f"{run}:{i}", "role": role, "opts": dataclasses.asdict(opts), "eos": list(eos_ids),
+                spec = {"pair": f"{run}:{i}", "role": role, "opts": dataclasses.asdict(opts),
+                        "mixing": dataclasses.asdict(mixing), "eos": list(eos_ids),
                         "end": end, "seed": int(seeds[i]) if seeds is not None else 0}
                 requests.append({"prompt_token_ids": list(prompt)})
                 # ignore_eos: only `eos_ids` stop a pair, exactly as in the HF generator.

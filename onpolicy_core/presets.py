@@ -3,7 +3,8 @@
 `onpolicy preset gsm8k` deep-merges presets/gsm8k.yaml into params.yaml, keeping params.yaml's
 comments and key order (ruamel round-trip), and refuses a result that does not load into the typed
 config. params.yaml stays the one place DVC reads settings from; `git diff params.yaml` shows what a
-preset changed.
+preset changed. A preset lists `train.runs` by name; it replaces the runs of params.yaml, each spelled
+out with the params block and training file DVC needs (`run_spec`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from onpolicy_core.config import ConfigError, Params, from_mapping
+from onpolicy_core.config import (
+    METHOD_PARAMS,
+    ConfigError,
+    Params,
+    from_mapping,
+    parse_run,
+)
 from onpolicy_core.io import write_text
 
 PRESETS_DIR = Path("presets")
@@ -21,13 +28,28 @@ def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in presets_dir.glob("*.yaml"))
 
 
-def _merge(target, overlay: dict, where: str = "") -> None:
+def run_spec(run: str, paths: dict) -> dict:
+    """The params.yaml entry of a run: its method's params block and its training file."""
+    method, data = parse_run(run)
+    file = f"{paths['data']}/train.jsonl" if data == "original" else f"{paths['realign']}/{data}/train.jsonl"
+    return {"params": METHOD_PARAMS.get(method, "train.common"), "data": file}
+
+
+def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) -> None:
     for key, value in overlay.items():
         here = f"{where}.{key}" if where else str(key)
         if key not in target:
             raise ConfigError(f"preset key {here!r} is not in params.yaml")
-        if isinstance(value, dict) and isinstance(target[key], dict):
-            _merge(target[key], value, here)
+        if here == "train.runs" and isinstance(value, list):
+            from ruamel.yaml.comments import CommentedMap
+
+            runs = CommentedMap()
+            for run in value:
+                runs[run] = CommentedMap(run_spec(run, paths))
+                runs[run].fa.set_flow_style()
+            target[key] = runs
+        elif isinstance(value, dict) and isinstance(target[key], dict):
+            _merge(target[key], value, here, paths)
         else:
             target[key] = value
 
@@ -44,7 +66,7 @@ def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(params_path.read_text(encoding="utf-8"))
     overlay = yaml.load(preset.read_text(encoding="utf-8")) or {}
-    _merge(doc, overlay)
+    _merge(doc, overlay, paths={**doc["paths"], **(overlay.get("paths") or {})})
     buffer = io.StringIO()
     yaml.dump(doc, buffer)
     import yaml as pyyaml

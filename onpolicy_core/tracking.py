@@ -119,16 +119,10 @@ def _connect(tracking: TrackingConfig) -> tuple[Any, bool]:
 def dvc_lock_hashes(paths: list[str | Path], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
     """DVC content hash of each path as recorded in dvc.lock (as some stage's output or dependency);
     a file DVC does not know is hashed here, so every input gets a tag."""
-    import yaml
-
+    from onpolicy_core.dvc_lock import known_hashes
     from onpolicy_core.io import file_sha256
 
-    known: dict[str, str] = {}
-    lock = Path(lock_file)
-    if lock.exists():
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-            for entry in [*stage.get("deps", []), *stage.get("outs", [])]:
-                known[entry["path"]] = entry.get("md5") or entry.get("hash") or ""
+    known = known_hashes(lock_file)
     out = {}
     for path in map(str, paths):
         rel = os.path.relpath(path) if os.path.isabs(path) else path

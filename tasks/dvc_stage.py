@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from prefect import get_run_logger, task
 
+from onpolicy_core.dvc_lock import stage_outs
 from onpolicy_core.tracking import DVC_STAGE_ENV
 
 
@@ -25,15 +25,6 @@ def _env(stage: str | None = None) -> dict[str, str]:
     if stage:
         env[DVC_STAGE_ENV] = stage
     return env
-
-
-def locked_outs(project_dir: Path, stage: str) -> dict[str, str]:
-    """Output path -> content hash of `stage` as recorded in dvc.lock."""
-    lock = project_dir / "dvc.lock"
-    if not lock.exists():
-        return {}
-    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
-    return {o["path"]: o.get("md5") or o.get("hash", "") for o in entry.get("outs", [])}
 
 
 def stage_mlflow_run(stage: str, parent_run_id: str | None) -> str | None:
@@ -59,14 +50,23 @@ def _run(cmd: list[str], project: Path, stage: str | None, what: str) -> subproc
     return proc
 
 
+def _stale(project: Path, stage: str) -> bool:
+    """Does `dvc status --json` list the stage (changed deps, params, outs, or never run)?"""
+    proc = _run([sys.executable, "-m", "dvc", "status", "--json", stage], project, None, f"dvc status {stage}")
+    return stage in json.loads(proc.stdout or "{}")
+
+
 @task(name="dvc-stage", retries=2, retry_delay_seconds=5, timeout_seconds=3600, task_run_name="dvc repro {stage}")
 def run_dvc_stage(stage: str, project_dir: str = ".", parent_run_id: str | None = None) -> dict:
     """`dvc repro --single-item <stage>`: runs it only if DVC finds it stale. Returns whether it ran,
     its locked output hashes and the MLflow run it logged to."""
     project = Path(project_dir).resolve()
-    proc = _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], project, stage, f"dvc repro {stage}")
-    ran = "didn't change, skipping" not in proc.stdout
-    return {"stage": stage, "ran": ran, "outs": locked_outs(project, stage),
+    stale = _stale(project, stage)
+    _run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], project, stage, f"dvc repro {stage}")
+    if _stale(project, stage):
+        raise RuntimeError(f"dvc repro {stage} finished but `dvc status` still lists the stage as changed")
+    ran = stale  # stale before and up to date after: DVC ran it; up to date before: DVC skipped it
+    return {"stage": stage, "ran": ran, "outs": stage_outs(project / "dvc.lock", stage),
             "mlflow_run_id": stage_mlflow_run(stage, parent_run_id) if ran else None}
 
 

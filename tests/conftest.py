@@ -1,5 +1,11 @@
 """Shared fixtures: the real shared data, a tiny random model, and the embedded model materialised
-once per session by the real `model` stage."""
+once per session by the real `model` stage; and the test tiers.
+
+Tiers (markers, set here from what a test uses, so none is forgotten):
+  unit     no model, no server: the math, the config, the graph (`pytest -m unit`, under a minute)
+  model    loads the embedded SmolLM2-135M model (its fixtures)
+  service  starts servers or runs the DVC / Prefect pipeline (its fixtures, or the module's own mark)
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+MODEL_FIXTURES = {"embedded_model_dir", "tokenizer"}
+SERVICE_FIXTURES = {"project", "prefect_backend"}
+TIERS = ("unit", "model", "service")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(t) for t in TIERS):
+            continue
+        used = set(getattr(item, "fixturenames", ()))
+        tier = "service" if used & SERVICE_FIXTURES else "model" if used & MODEL_FIXTURES else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,11 +60,11 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def embedded_model_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M-Instruct, materialised by the real model stage (about 25 s)."""
-    from onpolicy_core.config import ModelConfig, PathsConfig, TrackingConfig
     from onpolicy_core.stages.model import run_model
 
     out = tmp_path_factory.mktemp("model") / "model"
-    run_model(ModelConfig(), PathsConfig(model=str(out)), TrackingConfig(enabled=False))
+    p = default_config(f"paths.model={out}", "tracking.enabled=false")
+    run_model(p.model, p.paths, p.tracking)
     return out
 
 
@@ -106,3 +126,25 @@ def project(tmp_path):
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
     return tmp_path
+
+
+def default_config(*overrides: str):
+    """The project's params.yaml as the typed config (the one source of defaults), with overrides."""
+    from onpolicy_core.config import default_params
+
+    return default_params(list(overrides))
+
+
+def hinted_options(**fields):
+    """(DecodeOptions, MixingOptions) of params.yaml's realign defaults (the hinted variant's mixing),
+    with fields of either replaced by name."""
+    import dataclasses
+
+    from onpolicy_core.options import DecodeOptions, MixingOptions
+
+    realign = default_config().realign
+    mixing_names = {f.name for f in dataclasses.fields(MixingOptions)}
+    decode = dataclasses.replace(realign.decoding, **{k: v for k, v in fields.items() if k not in mixing_names})
+    mixing = dataclasses.replace(realign.mixing.hinted, **{k: v for k, v in fields.items() if k in mixing_names})
+    assert isinstance(decode, DecodeOptions)
+    return decode, mixing

@@ -3,21 +3,25 @@ correct boxed answer as correct and another problem's answer as wrong, and bad s
 
 import pytest
 
-from onpolicy_core.config import ArithmeticConfig, EvalConfig
-from onpolicy_core.data.benchmarks import BENCHMARKS, FILE, load_benchmark, ood_settings
+from pathlib import Path
+
+from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
+from onpolicy_core.data.registry import BENCHMARKS, FILE
 from onpolicy_core.data.sources import SourceError
 from onpolicy_core.grading import grade
 
 EXPECTED_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "minerva": 272}
+TRAIN = Generator(max_steps=4, max_operand=20)
 
 
-def _cfg(shared_data, **kw):
-    return EvalConfig(data_root=str(shared_data), benchmarks=list(BENCHMARKS), **kw)
+def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0):
+    return BenchmarkSource(data_root=str(data_root), allow_hub=False, limit=limit, seed=seed, held_out=Path(held_out),
+                           ood_extra_steps=2, ood_operand_scale=2)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, b in BENCHMARKS.items() if b.kind == FILE))
 def test_file_benchmarks_load_whole_and_grade_known_answers(shared_data, tmp_path, name):
-    problems, report = load_benchmark(name, _cfg(shared_data, limit=None), tmp_path / "unused.jsonl", ArithmeticConfig())
+    problems, report = load_benchmark(name, _cfg(shared_data), TRAIN)
     assert len(problems) == EXPECTED_SIZES[name] and not report.skipped
     assert len({p.id for p in problems}) == len(problems)
     checked = 0
@@ -29,24 +33,22 @@ def test_file_benchmarks_load_whole_and_grade_known_answers(shared_data, tmp_pat
 
 
 def test_limit_takes_a_seeded_sample_in_file_order(shared_data, tmp_path):
-    a, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1), tmp_path / "x", ArithmeticConfig())
-    b, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1), tmp_path / "x", ArithmeticConfig())
-    c, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=2), tmp_path / "x", ArithmeticConfig())
-    full, _ = load_benchmark("math500", _cfg(shared_data, limit=None), tmp_path / "x", ArithmeticConfig())
+    a, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1), TRAIN)
+    b, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1), TRAIN)
+    c, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=2), TRAIN)
+    full, _ = load_benchmark("math500", _cfg(shared_data), TRAIN)
     order = {p.id: i for i, p in enumerate(full)}
     assert [p.id for p in a] == [p.id for p in b] != [p.id for p in c]
     assert [order[p.id] for p in a] == sorted(order[p.id] for p in a)
 
 
 def test_arithmetic_ood_is_harder_than_training_and_self_consistent(tmp_path):
-    train = ArithmeticConfig(min_steps=2, max_steps=4, max_operand=20)
-    cfg = EvalConfig(limit=30)
-    ood = ood_settings(train, cfg)
-    assert ood.min_steps > train.max_steps and ood.max_operand > train.max_operand
-    problems, _ = load_benchmark("arithmetic_ood", cfg, tmp_path / "x", train)
+    problems, _ = load_benchmark("arithmetic_ood", _cfg(tmp_path, limit=30), TRAIN)
     assert len(problems) == 30 and all(p.id.startswith("arithmetic_ood-") for p in problems)
     assert all(grade(p.solution, p.answer).correct for p in problems)
-    assert all(p.solution.count("\n") - 1 >= ood.min_steps for p in problems)
+    assert all(p.solution.count("\n") - 1 >= TRAIN.max_steps + 1 for p in problems), "more steps than training"
+    numbers = [int(n) for p in problems for n in __import__("re").findall(r"\d+", p.question)]
+    assert max(numbers) > TRAIN.max_operand, "larger numbers than training"
 
 
 def test_held_out_split_is_the_data_stage_eval_file(tmp_path):
@@ -55,19 +57,19 @@ def test_held_out_split_is_the_data_stage_eval_file(tmp_path):
 
     path = tmp_path / "eval.jsonl"
     write_jsonl(path, (p.to_dict() for p in generate(5, 2, 3, 10, seed=0)))
-    problems, _ = load_benchmark("arithmetic", EvalConfig(limit=None), path, ArithmeticConfig())
+    problems, _ = load_benchmark("arithmetic", _cfg(tmp_path, held_out=path), TRAIN)
     assert [p.id for p in problems] == [f"arithmetic-{i:05d}" for i in range(5)]
     with pytest.raises(SourceError, match="run `onpolicy data`"):
-        load_benchmark("arithmetic", EvalConfig(), tmp_path / "missing.jsonl", ArithmeticConfig())
+        load_benchmark("arithmetic", _cfg(tmp_path, held_out=tmp_path / "missing.jsonl"), TRAIN)
 
 
 def test_missing_file_names_the_path_and_the_hub_option(tmp_path):
     with pytest.raises(SourceError, match=r"gsm8k/test.jsonl.*allow_hub.*openai/gsm8k"):
-        load_benchmark("gsm8k", EvalConfig(data_root=str(tmp_path)), tmp_path / "x", ArithmeticConfig())
+        load_benchmark("gsm8k", _cfg(tmp_path), TRAIN)
 
 
 def test_unknown_benchmark_is_a_config_error():
-    from onpolicy_core.config import ConfigError
+    from onpolicy_core.config import ConfigError, default_params
 
     with pytest.raises(ConfigError, match="unknown"):
-        EvalConfig(benchmarks=["gsm8k", "olympiad"])
+        default_params(["eval.benchmarks=[gsm8k, olympiad]"])

@@ -4,14 +4,16 @@ import json
 
 import pytest
 
-from onpolicy_core.config import ArithmeticConfig, DataConfig, FieldMap, PathsConfig, TrackingConfig
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.data.sources import SourceError, gsm8k_solution, load_source
 from onpolicy_core.grading import grade
 from onpolicy_core.io import read_jsonl
+from onpolicy_core.options import FieldMap
 from onpolicy_core.stages.data import run_data
+from tests.conftest import default_config
 
-GSM8K = FieldMap(question="question", solution="answer", answer=None)
+PLAIN_FIELDS = FieldMap(question="question", solution="solution", answer="answer", id=None)
+GSM8K = FieldMap(question="question", solution="answer", answer=None, id=None)
 MATH = FieldMap(question="problem", solution="solution", answer="answer", id="unique_id")
 MINERVA = FieldMap(question="problem", solution="solution", answer=None, id="idx")
 AIME = FieldMap(question="problem", solution="solution", answer="answer", id="id")
@@ -50,7 +52,7 @@ def test_gsm8k_answer_split():
 )
 def test_real_reference_solutions_grade_against_their_gold(shared_data, folder, fmt, fields):
     src = str(shared_data / folder)
-    loaded = load_source(src, DataConfig(source=src, format=fmt, fields=fields, max_chars=100_000))
+    loaded = load_source(src, fmt, fields, max_chars=100_000)
     assert not loaded.skipped and len(loaded.problems) > 0
     wrong = {(folder.split("/")[0], p.id) for p in loaded.problems if not grade(p.solution, p.answer).correct}
     assert wrong <= KNOWN_EXCEPTIONS, sorted(wrong - KNOWN_EXCEPTIONS)[:10]
@@ -59,7 +61,7 @@ def test_real_reference_solutions_grade_against_their_gold(shared_data, folder, 
 def test_amc23_has_no_solutions_and_loads_for_evaluation(shared_data):
     src = str(shared_data / "amc23/test.jsonl")
     fields = FieldMap(question="problem", solution=None, answer="answer", id="id")
-    loaded = load_source(src, DataConfig(source=src, format="fields", fields=fields))
+    loaded = load_source(src, "fields", fields, max_chars=4000)
     assert len(loaded.problems) == 40 and all(p.solution == "" for p in loaded.problems)
     assert grade("so \\boxed{27}", loaded.problems[0].answer).correct  # gold '27.0'
 
@@ -77,8 +79,7 @@ def test_bad_rows_are_counted_with_file_and_line(tmp_path):
         json.dumps(good).encode(),
     ]
     path.write_bytes(b"\n".join(lines) + b"\n")
-    cfg = DataConfig(source=str(path), format="fields", fields=FieldMap(), max_chars=1000)
-    loaded = load_source(str(path), cfg)
+    loaded = load_source(str(path), "fields", PLAIN_FIELDS, max_chars=1000)
     assert len(loaded.problems) == 2
     assert dict(loaded.skipped) == {"invalid_json": 1, "missing_question": 1, "empty_answer": 1, "not_utf8": 1, "over_long": 1}
     assert loaded.examples["invalid_json"][0].startswith(f"{path}:2: invalid_json")
@@ -89,14 +90,14 @@ def test_zero_usable_records_is_a_clear_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(SourceError, match=r"no usable records.*empty.jsonl:1: missing_solution"):
-        load_source(str(path), DataConfig(source=str(path), format="fields"))
+        load_source(str(path), "fields", PLAIN_FIELDS, max_chars=4000)
     with pytest.raises(SourceError, match="not found"):
-        load_source(str(tmp_path / "nope.jsonl"), DataConfig(source=str(tmp_path / "nope.jsonl"), format="fields"))
+        load_source(str(tmp_path / "nope.jsonl"), "fields", PLAIN_FIELDS, max_chars=4000)
 
 
 def test_data_stage_writes_splits_and_summary(tmp_path):
-    cfg = DataConfig(n_eval=10, n_train=25, arithmetic=ArithmeticConfig(n=60))
-    summary = run_data(cfg, PathsConfig(data=str(tmp_path)), TrackingConfig(enabled=False))
+    p = default_config("data.n_eval=10", "data.n_train=25", "data.arithmetic.n=60", f"paths.data={tmp_path}", "tracking.enabled=false")
+    summary = run_data(p.data, p.paths, p.tracking)
     train, evals = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "eval.jsonl")
     assert (len(train), len(evals)) == (25, 10) == (summary["train"], summary["eval"])
     assert not {r["id"] for r in train} & {r["id"] for r in evals}
@@ -106,8 +107,10 @@ def test_data_stage_writes_splits_and_summary(tmp_path):
 
 
 def test_data_stage_gsm8k_with_separate_eval_source(tmp_path, shared_data):
-    cfg = DataConfig(source=str(shared_data / "gsm8k/train.jsonl"), format="gsm8k", fields=GSM8K,
-                     eval_source=str(shared_data / "gsm8k/test.jsonl"), n_eval=50, n_train=100)
-    summary = run_data(cfg, PathsConfig(data=str(tmp_path)), TrackingConfig(enabled=False))
+    p = default_config(f"data.source={shared_data / 'gsm8k/train.jsonl'}", "data.format=gsm8k",
+                       "data.fields={question: question, solution: answer, answer: null, id: null}",
+                       f"data.eval_source={shared_data / 'gsm8k/test.jsonl'}", "data.n_eval=50", "data.n_train=100",
+                       f"paths.data={tmp_path}", "tracking.enabled=false")
+    summary = run_data(p.data, p.paths, p.tracking)
     assert (summary["train"], summary["eval"]) == (100, 50)
     assert all(r["source"].endswith("test.jsonl") for r in read_jsonl(tmp_path / "eval.jsonl"))

@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from onpolicy_core.ddt import example_stats, length_batches, reference_scores, score_batch
+from onpolicy_core.ddt import (
+    example_stats,
+    length_batches,
+    reference_scores,
+    score_batch,
+)
 from tests.conftest import make_tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]

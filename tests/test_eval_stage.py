@@ -1,6 +1,7 @@
 """The eval stage on the embedded model (HF and vLLM backends): files, metrics, MLflow nesting under
 the training run, and resume after a kill. The report stage: tests/test_report.py."""
 
+import dataclasses
 import json
 import os
 
@@ -8,24 +9,21 @@ import mlflow
 import pandas as pd
 import pytest
 
-from onpolicy_core.config import (
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    PathsConfig,
-    TrackingConfig,
-)
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.io import write_json, write_jsonl
 from onpolicy_core.stages import eval as eval_stage
+from tests.conftest import default_config
 
 RUN = "idft-original"
-TRACKING = TrackingConfig(enabled=True, experiment="test-eval")
+BASE = default_config()
+TRACKING = dataclasses.replace(BASE.tracking, enabled=True, experiment="test-eval")
+OFF = dataclasses.replace(BASE.tracking, enabled=False)
+MODEL, DATA = BASE.model, BASE.data
 
 
 def _project(tmp_path, model_dir, training_run_id=None):
-    paths = PathsConfig(model=str(model_dir), data=str(tmp_path / "data"), train=str(tmp_path / "train"),
-                        eval=str(tmp_path / "eval"), score=str(tmp_path / "score"), report=str(tmp_path / "report"))
+    paths = dataclasses.replace(BASE.paths, model=str(model_dir), data=str(tmp_path / "data"), train=str(tmp_path / "train"),
+                                eval=str(tmp_path / "eval"), score=str(tmp_path / "score"), report=str(tmp_path / "report"))
     write_jsonl(tmp_path / "data" / "eval.jsonl", (p.to_dict() for p in generate(3, 2, 2, 9, seed=7)))
     run_dir = tmp_path / "train" / RUN
     run_dir.mkdir(parents=True)
@@ -35,18 +33,17 @@ def _project(tmp_path, model_dir, training_run_id=None):
 
 
 def _cfg(**kw):
-    base = dict(benchmarks=["arithmetic", "arithmetic_ood"], limit=3, samples=2, max_new_tokens=16, batch_size=8)
-    return EvalConfig(**(base | kw))
+    base = dict(benchmarks=["arithmetic", "arithmetic_ood"], limit=3, samples=2, max_new_tokens=16, batch_size=8, backend="hf")
+    return dataclasses.replace(BASE.eval, **(base | kw))
 
 
-@pytest.mark.slow
 def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_path, embedded_model_dir):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment(TRACKING.experiment)
     with mlflow.start_run(run_name="train-fake") as train_run:
         mlflow.log_text("weights would be here", "model/README.txt")  # what train.log_model logs
     paths = _project(tmp_path, embedded_model_dir, train_run.info.run_id)
-    metrics = eval_stage.run_eval(_cfg(), paths, TRACKING, ModelConfig(), DataConfig(), RUN)
+    metrics = eval_stage.run_eval(_cfg(), paths, TRACKING, MODEL, DATA, RUN)
     out = tmp_path / "eval" / RUN
     records = pd.read_parquet(out / "records.parquet")
     assert len(records) == 2 * 3 * (1 + 2)  # benchmarks x problems x (greedy + 2 samples)
@@ -71,10 +68,9 @@ def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_pa
     assert float(versions[0].tags["eval.arithmetic.greedy_accuracy"]) == pytest.approx(metrics["arithmetic"]["greedy_accuracy"], abs=1e-6)
 
 
-@pytest.mark.slow
 def test_killed_eval_resumes_from_finished_benchmarks(tmp_path, embedded_model_dir, monkeypatch):
     paths = _project(tmp_path, embedded_model_dir)
-    cfg, off = _cfg(samples=0), TrackingConfig(enabled=False)
+    cfg, off = _cfg(samples=0), OFF
     real = eval_stage.evaluate_benchmark
     calls, kill = [], {"at": 2}
 
@@ -86,24 +82,23 @@ def test_killed_eval_resumes_from_finished_benchmarks(tmp_path, embedded_model_d
 
     monkeypatch.setattr(eval_stage, "evaluate_benchmark", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        eval_stage.run_eval(cfg, paths, off, ModelConfig(), DataConfig(), "base")
+        eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
     assert not (tmp_path / "eval" / "base" / "metrics.json").exists(), "no half-written output"
     calls.clear()
     kill["at"] = None
-    metrics = eval_stage.run_eval(cfg, paths, off, ModelConfig(), DataConfig(), "base")
+    metrics = eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
     assert calls == ["arithmetic_ood"], "the finished benchmark is read back, not recomputed"
     assert set(metrics) == {"arithmetic", "arithmetic_ood"}
 
 
-@pytest.mark.slow
 def test_vllm_backend_matches_hf_greedy_accuracy(tmp_path, embedded_model_dir):
     pytest.importorskip("vllm")
     paths = _project(tmp_path, embedded_model_dir)
-    off = TrackingConfig(enabled=False)
+    off = OFF
     cfg = _cfg(benchmarks=["arithmetic"], samples=2, max_new_tokens=24)
-    hf = eval_stage.run_eval(cfg, paths, off, ModelConfig(), DataConfig(), "base")
+    hf = eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
     hf_records = pd.read_parquet(tmp_path / "eval" / "base" / "records.parquet")
-    vl = eval_stage.run_eval(EvalConfig(**(vars(cfg) | {"backend": "vllm"})), paths, off, ModelConfig(), DataConfig(), "base")
+    vl = eval_stage.run_eval(dataclasses.replace(cfg, backend="vllm"), paths, off, MODEL, DATA, "base")
     vl_records = pd.read_parquet(tmp_path / "eval" / "base" / "records.parquet")
     assert len(vl_records) == len(hf_records) == 3 * 3
     greedy = lambda r: r[r["mode"] == "greedy"]["response"].tolist()  # noqa: E731

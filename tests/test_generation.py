@@ -6,6 +6,9 @@ import torch
 
 from onpolicy_core.generation import Completion, HFGenerator, SamplingSpec, _completion
 from onpolicy_core.prompts import render_prompt
+from tests.conftest import default_config
+
+VLLM_1024 = __import__("dataclasses").replace(default_config().eval.vllm, max_model_len=1024)
 
 QUESTIONS = [
     "What is 7 + 5?",
@@ -43,20 +46,18 @@ def test_completion_stops_at_the_first_stop_token():
 
 def test_greedy_spec_rejects_several_samples():
     with pytest.raises(ValueError):
-        SamplingSpec(n=2, temperature=0.0)
+        SamplingSpec(n=2, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)
 
 
-@pytest.mark.slow
 def test_hf_batched_greedy_equals_one_prompt_at_a_time(embedded, prompt_ids):
     model, tok = embedded
-    spec = SamplingSpec(max_new_tokens=24)
+    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0)
     batched = HFGenerator(model, tok, batch_size=8).generate(prompt_ids, spec)
     single = [HFGenerator(model, tok, batch_size=1).generate([p], spec)[0] for p in prompt_ids[:3]]
     for b, s in zip(batched, single):
         assert b[0].token_ids == s[0].token_ids
 
 
-@pytest.mark.slow
 def test_hf_sampling_is_seeded_and_gives_n_per_prompt(embedded, prompt_ids):
     model, tok = embedded
     gen = HFGenerator(model, tok, batch_size=8)
@@ -74,15 +75,14 @@ def _first_divergence(a: tuple, b: tuple) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-@pytest.mark.slow
 def test_vllm_greedy_agrees_with_hf(embedded, embedded_model_dir, prompt_ids):
     pytest.importorskip("vllm")
     from onpolicy_core.generation import VLLMGenerator
 
     model, tok = embedded
-    spec = SamplingSpec(max_new_tokens=32)
+    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=32, seed=0)
     hf = HFGenerator(model, tok, batch_size=8).generate(prompt_ids, spec)
-    engine = VLLMGenerator(str(embedded_model_dir), tok, dtype="float32", max_model_len=1024)
+    engine = VLLMGenerator(str(embedded_model_dir), tok, VLLM_1024, dtype="float32", seed=0)
     try:
         vl = engine.generate(prompt_ids, spec)
     finally:

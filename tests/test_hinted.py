@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from onpolicy_core.hinted import (
-    FIRST, MIX, PLAIN, DecodeOptions, hinted_generate, mix_step, mixing_lambda, reference_generate, repeats,
+    FIRST,
+    MIX,
+    PLAIN,
+    hinted_generate,
+    mix_step,
+    mixing_lambda,
+    reference_generate,
+    repeats,
 )
-from tests.conftest import make_tiny_model
+from tests.conftest import hinted_options, make_tiny_model
 
 HINTED = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18, 19]]
 PLAIN_PROMPTS = [[20, 21], [22, 23, 24, 25, 26, 27], [28]]
@@ -28,13 +35,13 @@ def model():
 
 
 def _reference(model, opts, i, **kw):
-    return reference_generate(model, model, HINTED[i], PLAIN_PROMPTS[i], opts, [1], decode, **kw)
+    return reference_generate(model, model, HINTED[i], PLAIN_PROMPTS[i], *opts, [1], decode, **kw)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.8, 3.0])
 def test_batched_greedy_equals_the_batch1_no_cache_reference(model, beta):
-    opts = DecodeOptions(beta=beta, greedy=True, max_new_tokens=24, answer_marker=None)
-    batched = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode, pad_token_id=0)
+    opts = hinted_options(beta=beta, greedy=True, max_new_tokens=24, answer_marker=None)
+    batched = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode, pad_token_id=0)
     for i, got in enumerate(batched):
         ref = _reference(model, opts, i)
         assert got.token_ids == ref.token_ids
@@ -47,8 +54,8 @@ NO_GUARD = dict(repetition_window=10**6)  # the tiny random model repeats itself
 
 
 def test_beta_zero_is_plain_hinted_generation(model):
-    opts = DecodeOptions(beta=0.0, greedy=True, max_new_tokens=16, answer_marker=None, **NO_GUARD)
-    out = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode)
+    opts = hinted_options(beta=0.0, greedy=True, max_new_tokens=16, answer_marker=None, **NO_GUARD)
+    out = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode)
     for prompt, got in zip(HINTED, out):
         ids = list(prompt)
         for _ in range(16):
@@ -58,21 +65,21 @@ def test_beta_zero_is_plain_hinted_generation(model):
 
 
 def test_sampling_is_seeded_per_pair_not_per_batch(model):
-    opts = DecodeOptions(beta=0.8, temperature=1.0, top_p=0.9, max_new_tokens=12, answer_marker=None)
-    full = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode, seeds=[11, 12, 13])
-    part = hinted_generate(model, HINTED[1:], PLAIN_PROMPTS[1:], opts, [1], decode, seeds=[12, 13])
+    opts = hinted_options(beta=0.8, temperature=1.0, top_p=0.9, max_new_tokens=12, answer_marker=None)
+    full = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode, seeds=[11, 12, 13])
+    part = hinted_generate(model, HINTED[1:], PLAIN_PROMPTS[1:], *opts, [1], decode, seeds=[12, 13])
     assert [d.token_ids for d in full[1:]] == [d.token_ids for d in part]
     assert full[2].token_ids == _reference(model, opts, 2, seed=13).token_ids
-    other = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode, seeds=[11, 12, 14])
+    other = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode, seeds=[11, 12, 14])
     assert other[2].token_ids != full[2].token_ids
 
 
 def test_answer_marker_switches_to_the_plain_stream(model):
-    free = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], DecodeOptions(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=None), [1], decode)[0]
+    free = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], *hinted_options(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=None), [1], decode)[0]
     marker_at = 3
     marker = decode(free.token_ids[marker_at : marker_at + 1])
-    opts = DecodeOptions(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=marker)
-    got = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], opts, [1], decode)[0]
+    opts = hinted_options(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=marker)
+    got = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], *opts, [1], decode)[0]
     first = decode(free.token_ids).index(marker) // len(marker)  # marker may occur before index 3
     assert got.switched_at == first and got.token_ids[: first + 1] == free.token_ids[: first + 1]
     # after the switch, every token is the plain stream's own greedy choice
@@ -85,10 +92,10 @@ def test_answer_marker_switches_to_the_plain_stream(model):
 
 
 def test_eos_stops_a_pair_including_on_the_first_token(model):
-    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=20, answer_marker=None, **NO_GUARD)
-    free = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [1], decode)
+    opts = hinted_options(beta=0.5, greedy=True, max_new_tokens=20, answer_marker=None, **NO_GUARD)
+    free = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode)
     eos = free[0].token_ids[0]  # pretend the first token of pair 0 is EOS
-    out = hinted_generate(model, HINTED, PLAIN_PROMPTS, opts, [eos], decode)
+    out = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [eos], decode)
     assert out[0].token_ids == [] and out[0].finish_reason == "eos"
     for got, ref in zip(out[1:], free[1:]):  # other pairs unaffected until their own EOS
         cut = ref.token_ids.index(eos) if eos in ref.token_ids else None
@@ -113,16 +120,16 @@ def _looping_model():
 
 
 def test_repetition_guard_stops_decoding_at_the_first_repeat():
-    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=500, answer_marker=None, repetition_window=4, repetition_count=5)
-    out = hinted_generate(_looping_model(), HINTED[:2], PLAIN_PROMPTS[:2], opts, [1], decode)
+    opts = hinted_options(beta=0.5, greedy=True, max_new_tokens=500, answer_marker=None, repetition_window=4, repetition_count=5)
+    out = hinted_generate(_looping_model(), HINTED[:2], PLAIN_PROMPTS[:2], *opts, [1], decode)
     assert [d.finish_reason for d in out] == ["repetition", "repetition"]
     assert all(len(d.token_ids) == 8 for d in out), "the 4-token run of 9s is seen a 5th time at token 8"
 
 
 def test_repetition_guard_catches_a_loop_in_a_short_output():
     """The old guard (checked every 100 tokens) could not fire below 100 tokens: a loop ran to the limit."""
-    opts = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=40, answer_marker=None)  # defaults: window 10, count 4
-    out = hinted_generate(_looping_model(), HINTED[:1], PLAIN_PROMPTS[:1], opts, [1], decode)
+    opts = hinted_options(beta=0.5, greedy=True, max_new_tokens=40, answer_marker=None)  # defaults: window 10, count 4
+    out = hinted_generate(_looping_model(), HINTED[:1], PLAIN_PROMPTS[:1], *opts, [1], decode)
     assert out[0].finish_reason == "repetition" and len(out[0].token_ids) == 13
 
 
@@ -134,8 +141,8 @@ def test_rolling_guard_fires_at_the_first_prefix_that_repeats(seed):
     g = torch.Generator().manual_seed(seed)
     unit = torch.randint(2, 9, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
     stream = torch.randint(2, 30, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist() + unit * 12
-    opts = DecodeOptions(max_new_tokens=10**6, answer_marker=None, repetition_window=4, repetition_count=3)
-    state = _PairState(opts, {1}, decode, None)
+    opts = hinted_options(max_new_tokens=10**6, answer_marker=None, repetition_window=4, repetition_count=3)
+    state = _PairState(opts[0], {1}, decode, None)
     for token in stream:
         state.push(token, 0.0)
         if state.finish:
@@ -148,21 +155,40 @@ def test_rolling_guard_fires_at_the_first_prefix_that_repeats(seed):
 @pytest.mark.parametrize("h", [0.0, 0.1, 0.35, 0.5, 0.9, 1.0])
 def test_lambda_modes_match_their_formulas(h):
     t = torch.tensor([h])
-    assert float(mixing_lambda(t, DecodeOptions(beta=0.7, lambda_mode="linear"))) == pytest.approx(min(max(0.7 * h, 0), 1))
-    assert float(mixing_lambda(t, DecodeOptions(beta=4.0, lambda_mode="sigmoid", sigmoid_center=0.4))) == pytest.approx(1 / (1 + math.exp(-4.0 * (h - 0.4))))
+    assert float(mixing_lambda(t, hinted_options(beta=0.7, lambda_mode="linear")[1])) == pytest.approx(min(max(0.7 * h, 0), 1))
+    assert float(mixing_lambda(t, hinted_options(beta=4.0, lambda_mode="sigmoid", sigmoid_center=0.4)[1])) == pytest.approx(1 / (1 + math.exp(-4.0 * (h - 0.4))))
     expected = 0.0 if h <= 0.3 else 1.0 if h >= 0.7 else (h - 0.3) / 0.4
-    assert float(mixing_lambda(t, DecodeOptions(lambda_mode="piecewise", piecewise_bounds=(0.3, 0.7)))) == pytest.approx(expected)
-    assert float(mixing_lambda(t, DecodeOptions(beta=0.0, lambda_mode="sigmoid"))) == pytest.approx(0.5)
+    assert float(mixing_lambda(t, hinted_options(lambda_mode="piecewise", piecewise_bounds=(0.3, 0.7))[1])) == pytest.approx(expected)
+    assert float(mixing_lambda(t, hinted_options(beta=0.0, lambda_mode="sigmoid")[1])) == pytest.approx(0.5)
 
 
 def test_mix_step_phases_and_formula():
     torch.manual_seed(0)
     hint, plain = torch.randn(3, 50), torch.randn(3, 50)
     phase = torch.tensor([FIRST, MIX, PLAIN])
-    mixed, lam = mix_step(hint, plain, phase, DecodeOptions(beta=0.9))
+    mixed, lam = mix_step(hint, plain, phase, hinted_options(beta=0.9)[1])
     log_h, log_p = hint.log_softmax(-1), plain.log_softmax(-1)
     h = -(log_h.exp() * log_h).sum(-1) / math.log(50)
     assert lam[0] == 0 and lam[2] == 1 and lam[1] == pytest.approx(float(torch.clamp(0.9 * h[1], 0, 1)))
     torch.testing.assert_close(mixed[0], log_h[0])
     torch.testing.assert_close(mixed[2], log_p[2])
     torch.testing.assert_close(mixed[1], (1 - lam[1]) * log_h[1] + lam[1] * log_p[1])
+
+
+def test_mix_step_takes_masked_logits():
+    """-inf logits (a masked vocabulary) give no NaN: lambda uses the entropy over the unmasked
+    tokens, a token masked in a stream with non-zero weight stays -inf, and in the first (hinted-only)
+    and last (plain-only) phases the other stream's mask does not matter."""
+    torch.manual_seed(1)
+    hint, plain = torch.randn(3, 40), torch.randn(3, 40)
+    hint[:, :10] = float("-inf")
+    plain[:, 5:15] = float("-inf")
+    phase = torch.tensor([FIRST, MIX, PLAIN])
+    mixed, lam = mix_step(hint, plain, phase, hinted_options(beta=0.9)[1])
+    assert not torch.isnan(mixed).any() and not torch.isnan(lam).any()
+    kept = hint[1, 10:].log_softmax(-1)
+    h = float(-(kept.exp() * kept).sum() / math.log(40))
+    assert float(lam[1]) == pytest.approx(min(0.9 * h, 1.0), rel=1e-5)
+    assert torch.isinf(mixed[1, :15]).all() and torch.isfinite(mixed[1, 15:]).all()
+    torch.testing.assert_close(mixed[0], hint[0].log_softmax(-1))
+    torch.testing.assert_close(mixed[2], plain[2].log_softmax(-1))

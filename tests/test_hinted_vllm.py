@@ -12,17 +12,26 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
 from onpolicy_core import hinted_vllm  # noqa: E402
-from onpolicy_core.hinted import DecodeOptions, hinted_generate  # noqa: E402
-from onpolicy_core.hinted_vllm import DESYNC, EXTRA_KEY, RESULTS, HintedPairProcessor, _waves, vllm_hinted_generate  # noqa: E402
+from onpolicy_core.hinted import hinted_generate  # noqa: E402
+from onpolicy_core.hinted_vllm import (  # noqa: E402
+    DESYNC,
+    EXTRA_KEY,
+    RESULTS,
+    HintedPairProcessor,
+    _waves,
+    vllm_hinted_generate,
+)
+from tests.conftest import default_config, hinted_options  # noqa: E402
 
 EOS = 2
-OPTS = DecodeOptions(beta=0.5, greedy=True, max_new_tokens=8, answer_marker=None)
+OPTS = hinted_options(beta=0.5, greedy=True, max_new_tokens=8, answer_marker=None)
 
 
-def _params(pair: str, role: str, opts: DecodeOptions = OPTS) -> SamplingParams:
+def _params(pair: str, role: str, opts=OPTS) -> SamplingParams:
     import dataclasses
 
-    spec = {"pair": pair, "role": role, "opts": dataclasses.asdict(opts), "eos": [EOS], "end": EOS, "seed": 0}
+    spec = {"pair": pair, "role": role, "opts": dataclasses.asdict(opts[0]), "mixing": dataclasses.asdict(opts[1]),
+            "eos": [EOS], "end": EOS, "seed": 0}
     return SamplingParams(temperature=0.0, extra_args={EXTRA_KEY: spec})
 
 
@@ -99,14 +108,14 @@ def test_a_request_waiting_for_its_partner_is_a_desync(processor):
 def test_finished_pair_is_reported_with_its_tokens(processor):
     h, p = [], []
     _add(processor, [(0, _params("f", "hint"), [1], h), (1, _params("f", "plain"), [1], p)])
-    for _ in range(OPTS.max_new_tokens):
+    for _ in range(OPTS[0].max_new_tokens):
         logits = torch.full((2, 50), -5.0)
         logits[:, 9] = 5.0
         out = processor.apply(logits)
         h.append(int(out[0].argmax()))
         p.append(int(out[1].argmax()))
     result = RESULTS.pop("f")
-    assert result.token_ids == [9] * OPTS.max_new_tokens and result.finish_reason == "length"
+    assert result.token_ids == [9] * OPTS[0].max_new_tokens and result.finish_reason == "length"
 
 
 def test_waves_keep_each_wave_within_the_token_budget():
@@ -114,23 +123,21 @@ def test_waves_keep_each_wave_within_the_token_budget():
     assert _waves([10, 10, 10], token_budget=100, max_pairs=2) == [[0, 1], [2]]
 
 
-@pytest.mark.slow
 def test_realign_stage_on_vllm_matches_the_hf_backend(tmp_path, embedded_model_dir):
     """Both variants (beta 0 and beta > 0) on problems of mixed lengths, greedy, marker switch on."""
-    from onpolicy_core.config import PathsConfig, RealignConfig, TrackingConfig
     from onpolicy_core.data.arithmetic import generate
     from onpolicy_core.io import read_jsonl, write_jsonl
     from onpolicy_core.stages.realign import run_realign
 
     corpus = tmp_path / "train.jsonl"
     write_jsonl(corpus, (p.to_dict() for p in generate(3, 1, 2, 9, seed=1) + generate(2, 5, 6, 50, seed=2)))
-    paths, off = PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False)
     keys = ("id", "realigned", "finish_reason", "n_tokens", "switched_at")
     for variant in ("self_distill", "hinted"):
         rows = {}
         for backend in ("hf", "vllm"):
-            cfg = RealignConfig(greedy=True, max_new_tokens=72, batch_size=4, backend=backend)
-            summary = run_realign(cfg, paths, off, variant, corpus, tmp_path / f"{variant}-{backend}")
+            p = default_config(f"paths.model={embedded_model_dir}", "tracking.enabled=false", "realign.decoding.greedy=true",
+                               "realign.decoding.max_new_tokens=72", "realign.batch_size=4", f"realign.backend={backend}")
+            summary = run_realign(p.realign, p.paths, p.tracking, variant, corpus, tmp_path / f"{variant}-{backend}")
             rows[backend] = read_jsonl(tmp_path / f"{variant}-{backend}" / "records.jsonl")
         assert summary["decoded_by"] == {"vllm": 5}, summary["decoded_by"]
         assert [{k: r[k] for k in keys} for r in rows["vllm"]] == [{k: r[k] for k in keys} for r in rows["hf"]]
@@ -142,11 +149,9 @@ def test_realign_stage_on_vllm_matches_the_hf_backend(tmp_path, embedded_model_d
 @pytest.fixture(scope="module")
 def engine(embedded_model_dir):
     # The same call as the realign stage's, so both share the one cached in-process engine.
-    return hinted_vllm.make_engine(str(embedded_model_dir), dtype="float32", seed=0, max_model_len=2048, cpu_kv_cache_gib=2,
-                                   gpu_memory_utilization=0.85, enforce_eager=True)
+    return hinted_vllm.make_engine(str(embedded_model_dir), default_config().realign.vllm, dtype="float32", seed=0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_vllm_backend_gives_the_hf_generators_greedy_tokens(engine, embedded_model_dir, beta):
     from onpolicy_core.data.arithmetic import generate
@@ -159,11 +164,11 @@ def test_vllm_backend_gives_the_hf_generators_greedy_tokens(engine, embedded_mod
     hinted = [tok(render_hinted_prompt(tok, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
     plain = [tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
     assert len({len(h) for h in hinted}) > 1
-    opts = DecodeOptions(beta=beta, greedy=True, max_new_tokens=72)
+    opts = hinted_options(beta=beta, greedy=True, max_new_tokens=72)
     eos = sorted(stop_token_ids(model, tok))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    hf = hinted_generate(model, hinted, plain, opts, eos, decode, pad_token_id=tok.pad_token_id or 0)
-    vl = vllm_hinted_generate(engine, hinted, plain, opts, eos)
+    hf = hinted_generate(model, hinted, plain, *opts, eos, decode, pad_token_id=tok.pad_token_id or 0)
+    vl = vllm_hinted_generate(engine, hinted, plain, *opts, eos)
     assert all(v is not None for v in vl), "no pair lost lockstep"
     for h, v in zip(hf, vl):
         assert v.token_ids == h.token_ids, (tok.decode(h.token_ids), tok.decode(v.token_ids))

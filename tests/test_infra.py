@@ -47,6 +47,7 @@ def _has_compose() -> bool:
     return shutil.which("docker") is not None and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
 
 
+@pytest.mark.service
 @pytest.mark.skipif(not _has_compose(), reason="docker compose is not installed here")
 def test_docker_compose_config_validates(tmp_path):
     env = tmp_path / ".env"

@@ -1,12 +1,13 @@
 """The model stage: the embedded GGUF becomes a plain HF folder; other specs resolve as documented."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from onpolicy_core.config import ModelConfig
 from onpolicy_core.models import ModelSourceError, load_materialised, resolve_source
+from tests.conftest import default_config
 
 
 def test_embedded_model_is_materialised_as_a_plain_hf_folder(embedded_model_dir):
@@ -22,6 +23,10 @@ def test_embedded_model_is_materialised_as_a_plain_hf_folder(embedded_model_dir)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1], "the materialised model generates"
+
+
+def ModelConfig(**fields):
+    return dataclasses.replace(default_config().model, **fields)
 
 
 def test_specs_resolve_to_gguf_local_or_hub(tmp_path, embedded_model_dir):

@@ -6,14 +6,18 @@ import json
 import pytest
 
 from onpolicy_core import hinted
-from onpolicy_core.config import PathsConfig, RealignConfig, TrackingConfig
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.io import read_jsonl, write_jsonl
 from onpolicy_core.models import load_materialised
 from onpolicy_core.prompts import render_hinted_prompt, render_prompt
 from onpolicy_core.stages import realign as realign_stage
+from tests.conftest import default_config, hinted_options
 
-SMALL = dict(max_new_tokens=24, batch_size=2)
+
+def _config(model_dir, *overrides):
+    """Small realign settings on the HF backend (sampled unless overridden), no tracking."""
+    return default_config(f"paths.model={model_dir}", "tracking.enabled=false", "realign.backend=hf",
+                          "realign.decoding.max_new_tokens=24", "realign.batch_size=2", *overrides)
 
 
 @pytest.fixture
@@ -32,12 +36,12 @@ def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_di
     decode = lambda ids: tok.decode(ids)  # noqa: E731
     switches = []
     for beta in (0.0, 0.6):
-        opts = hinted.DecodeOptions(beta=beta, greedy=True, max_new_tokens=40, answer_marker="\\boxed{")
-        batched = hinted.hinted_generate(model, hinted_ids, plain_ids, opts, [tok.eos_token_id], decode, pad_token_id=tok.pad_token_id)
+        opts = hinted_options(beta=beta, greedy=True, max_new_tokens=40, answer_marker="\\boxed{")
+        batched = hinted.hinted_generate(model, hinted_ids, plain_ids, *opts, [tok.eos_token_id], decode, pad_token_id=tok.pad_token_id)
         for h, p, got in zip(hinted_ids, plain_ids, batched):
             # batch 1 with a per-stream cache; its equality with the no-cache loop is
             # tests/test_hinted.py::test_batched_greedy_equals_the_batch1_no_cache_reference
-            ref = hinted.reference_generate(model, model, h, p, opts, [tok.eos_token_id], decode, use_cache=True)
+            ref = hinted.reference_generate(model, model, h, p, *opts, [tok.eos_token_id], decode, use_cache=True)
             assert got.token_ids == ref.token_ids and got.finish_reason == ref.finish_reason
             assert got.switched_at == ref.switched_at
             switches.append(got.switched_at)
@@ -46,8 +50,8 @@ def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_di
 
 def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embedded_model_dir):
     out = tmp_path / "hinted"
-    cfg = RealignConfig(on_unverified="drop", **SMALL)
-    summary = realign_stage.run_realign(cfg, PathsConfig(model=str(embedded_model_dir)), TrackingConfig(), "hinted", corpus, out)
+    p = _config(embedded_model_dir, "realign.on_unverified=drop", "tracking.enabled=true")
+    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, "hinted", corpus, out)
     records = read_jsonl(out / "records.jsonl")
     train = read_jsonl(out / "train.jsonl")
     assert len(records) == 5 and summary["examples"] == 5
@@ -68,9 +72,9 @@ def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embed
 
 
 def test_fallback_policy_keeps_every_example(tmp_path, corpus, embedded_model_dir):
-    cfg = RealignConfig(on_unverified="fallback", greedy=True, **SMALL)
+    p = _config(embedded_model_dir, "realign.on_unverified=fallback", "realign.decoding.greedy=true")
     out = tmp_path / "sd"
-    summary = realign_stage.run_realign(cfg, PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False), "self_distill", corpus, out)
+    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, "self_distill", corpus, out)
     train = read_jsonl(out / "train.jsonl")
     assert len(train) == 5 and summary["beta"] == 0.0 and summary["mean_lambda"] in (0.0, None)
     for t in train:
@@ -79,8 +83,8 @@ def test_fallback_policy_keeps_every_example(tmp_path, corpus, embedded_model_di
 
 def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_model_dir, monkeypatch):
     monkeypatch.setattr(realign_stage, "SHARD_SIZE", 2)
-    paths, tracking = PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False)
-    cfg = RealignConfig(**SMALL)  # sampled, seeded per example
+    p = _config(embedded_model_dir)  # sampled, seeded per example
+    cfg, paths, tracking = p.realign, p.paths, p.tracking
     real = hinted.hinted_generate
     calls = {"n": 0}
 

@@ -2,6 +2,7 @@
 against base and SFT, seeds aggregated, the verdict's wording, truncation flags, realignment
 rejections and the DDT statistics of all three training sets."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,10 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from onpolicy_core.config import EvalConfig, PathsConfig, ReportConfig, TrackingConfig
 from onpolicy_core.io import InputError, write_json
 from onpolicy_core.stages.report import run_report
 from onpolicy_core.statistics import mcnemar_exact, wilson
+from tests.conftest import default_config
+
+BASE = default_config()
+OFF = dataclasses.replace(BASE.tracking, enabled=False)
+REPORT, EVAL = BASE.report, dataclasses.replace(BASE.eval, samples=0)
 
 N = 120
 
@@ -36,8 +41,8 @@ def _fake_eval(paths, name, n_correct: dict[str, int], truncated=0.0, unboxed=0)
 
 @pytest.fixture
 def paths(tmp_path):
-    p = PathsConfig(eval=str(tmp_path / "eval"), score=str(tmp_path / "score"), realign=str(tmp_path / "realign"),
-                    report=str(tmp_path / "report"))
+    p = dataclasses.replace(BASE.paths, eval=str(tmp_path / "eval"), score=str(tmp_path / "score"),
+                            realign=str(tmp_path / "realign"), report=str(tmp_path / "report"))
     _fake_eval(p, "base", {"arithmetic": 30, "arithmetic_ood": 12}, truncated=0.05)
     _fake_eval(p, "sft-original", {"arithmetic": 60, "arithmetic_ood": 20}, truncated=0.05, unboxed=6)
     _fake_eval(p, "idft-original", {"arithmetic": 64, "arithmetic_ood": 22})
@@ -60,7 +65,7 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
     with mlflow.start_run(run_name="pipeline") as parent:
         pass
     monkeypatch.setenv("ONPOLICY_PARENT_RUN_ID", parent.info.run_id)
-    out = run_report(ReportConfig(metric="greedy"), paths, TrackingConfig(experiment="test-report"), EvalConfig(samples=0), RUNS)
+    out = run_report(REPORT, paths, dataclasses.replace(BASE.tracking, experiment="test-report"), EVAL, RUNS)
     arith = out["table"]["arithmetic"]
     assert list(arith) == ["base", "sft-original", "idft-original", "idft-hinted"], "seeds of one method are one row"
     sft = arith["sft-original"]
@@ -95,14 +100,14 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
 
 
 def test_small_samples_are_called_smoke_scale(paths, tmp_path):
-    small = PathsConfig(eval=str(tmp_path / "small"), report=str(tmp_path / "small-report"), score=paths.score)
+    small = dataclasses.replace(paths, eval=str(tmp_path / "small"), report=str(tmp_path / "small-report"))
     global N
     saved, N = N, 16
     try:
         _fake_eval(small, "base", {"arithmetic": 2})
         _fake_eval(small, "sft-original", {"arithmetic": 5})
         _fake_eval(small, "idft-original", {"arithmetic": 6})
-        run_report(ReportConfig(), small, TrackingConfig(enabled=False), EvalConfig(), ["sft-original", "idft-original"])
+        run_report(REPORT, small, OFF, EVAL, ["sft-original", "idft-original"])
     finally:
         N = saved
     md = Path(small.report, "report.md").read_text()
@@ -112,7 +117,7 @@ def test_small_samples_are_called_smoke_scale(paths, tmp_path):
 
 def test_report_without_an_evaluation_names_the_missing_file(paths):
     with pytest.raises(InputError, match=r"dft-original/metrics.json"):
-        run_report(ReportConfig(), paths, TrackingConfig(enabled=False), EvalConfig(), ["dft-original"])
+        run_report(REPORT, paths, OFF, EVAL, ["dft-original"])
 
 
 def test_plot_takes_accuracies_of_exactly_zero_and_one(tmp_path):

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from onpolicy_core import ddt
-from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.io import InputError, write_jsonl
 from onpolicy_core.stages import score as score_stage
+from tests.conftest import default_config
 
 
 @pytest.fixture
@@ -22,9 +22,10 @@ def corpus(tmp_path):
 def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, embedded_model_dir):
     import mlflow
 
-    cfg = ScoreConfig(select_top_k=3, max_batch_size=4)
+    p = default_config("score.select_top_k=3", "score.max_batch_size=4", f"paths.model={embedded_model_dir}")
+    cfg = p.score
     out = tmp_path / "score" / "original"
-    summary = score_stage.run_score(cfg, PathsConfig(model=str(embedded_model_dir)), TrackingConfig(), corpus, out)
+    summary = score_stage.run_score(cfg, p.paths, p.tracking, corpus, out)
     df = pd.read_parquet(out / "scores.parquet")
     assert len(df) == 10 and (df["n_tokens"] > 0).all()
     assert all(len(phi) == n for phi, n in zip(df["phi"], df["n_tokens"]))
@@ -44,8 +45,8 @@ def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, 
 
 def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_model_dir, monkeypatch):
     monkeypatch.setattr(score_stage, "SHARD_SIZE", 4)
-    paths, tracking = PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False)
-    cfg = ScoreConfig(max_batch_size=4)
+    p = default_config("score.max_batch_size=4", f"paths.model={embedded_model_dir}", "tracking.enabled=false")
+    cfg, paths, tracking = p.score, p.paths, p.tracking
     real = ddt.score_batch
     calls = {"n": 0}
 
@@ -76,4 +77,5 @@ def test_bad_score_input_names_file_and_line(tmp_path, embedded_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "question": "q", "solution": "s"}) + "\n" + json.dumps({"id": "b", "question": "q"}) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl:2: record lacks string field\(s\) \['solution'\]"):
-        score_stage.run_score(ScoreConfig(), PathsConfig(model=str(embedded_model_dir)), TrackingConfig(enabled=False), bad, tmp_path / "o")
+        p = default_config(f"paths.model={embedded_model_dir}", "tracking.enabled=false")
+        score_stage.run_score(p.score, p.paths, p.tracking, bad, tmp_path / "o")

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import BIN, ROOT, bin_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 SCRIPTS = ROOT / "infra" / "scripts"
 
 

@@ -7,10 +7,12 @@ import mlflow
 import pytest
 import yaml
 
-from onpolicy_core.config import TrackingConfig
-from onpolicy_core.tracking import dvc_lock_hashes, pipeline_run, stage_run
+import dataclasses
 
-TRACKING = TrackingConfig(experiment="test-tracking")
+from onpolicy_core.tracking import dvc_lock_hashes, pipeline_run, stage_run
+from tests.conftest import default_config
+
+TRACKING = dataclasses.replace(default_config().tracking, experiment="test-tracking")
 
 
 def test_input_hashes_come_from_dvc_lock_or_are_computed(tmp_path, monkeypatch):

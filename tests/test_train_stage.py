@@ -1,19 +1,22 @@
 """The train stage on TRL with a tiny model: every method lowers its loss, outputs are a plain HF
 folder, diagnostics are logged, and a killed run resumes at the same step and lambda."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from onpolicy_core.config import PathsConfig, PreferenceConfig, TrackingConfig, TrainConfig
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.io import write_jsonl
 from onpolicy_core.stages import train as train_stage
 from onpolicy_core.training.preference import build_pairs
 from onpolicy_core.training.sft import TokenWeightedSFTTrainer
-from tests.conftest import make_tiny_model
+from tests.conftest import default_config, make_tiny_model
+
+BASE = default_config()
+OFF = dataclasses.replace(BASE.tracking, enabled=False)
 
 N = 6
 
@@ -48,20 +51,23 @@ def _completion_nll(model, paths) -> float:
 
 
 def _paths(root, tmp_path):
-    return PathsConfig(model=str(root / "model"), data=str(root / "data"), train=str(tmp_path / "train"))
+    return dataclasses.replace(BASE.paths, model=str(root / "model"), data=str(root / "data"), train=str(tmp_path / "train"))
 
 
-def _cfg(**kw):
-    base = dict(max_steps=4, batch_size=N, learning_rate=3e-3, lr_scheduler="constant", save_steps=2, log_model=False,
-                preference=PreferenceConfig(samples_per_prompt=2, max_new_tokens=8))
-    return TrainConfig(**{**base, **kw})
+def _cfg(idft=None, **common):
+    """Train settings of params.yaml with a tiny, fast common block (and IDFT options if given)."""
+    t = BASE.train
+    base = dict(max_steps=4, batch_size=N, learning_rate=3e-3, lr_scheduler="constant", save_steps=2, log_model=False)
+    return dataclasses.replace(t, common=dataclasses.replace(t.common, **{**base, **common}), idft=idft or t.idft,
+                               eaft=dataclasses.replace(t.eaft, top_k=5),
+                               preference=dataclasses.replace(t.preference, samples_per_prompt=2, max_new_tokens=8))
 
 
-@pytest.mark.parametrize("method", ["sft", "dft", "eaft", "idft", "dpo", "simpo"])
+@pytest.mark.parametrize("method", ["sft", "dft", "eaft", "eaft_full", "idft", "dpo", "simpo"])
 def test_every_method_lowers_its_training_loss(method, tiny_project, tmp_path):
     paths = _paths(tiny_project, tmp_path)
     before = AutoModelForCausalLM.from_pretrained(paths.model)
-    summary = train_stage.run_train(_cfg(), paths, TrackingConfig(enabled=False), f"{method}-original")
+    summary = train_stage.run_train(_cfg(), paths, OFF, f"{method}-original")
     losses = summary["loss_history"]
     out = tmp_path / "train" / f"{method}-original"
     after = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -82,7 +88,7 @@ def test_every_method_lowers_its_training_loss(method, tiny_project, tmp_path):
 def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):
     import mlflow
 
-    train_stage.run_train(_cfg(max_steps=3), _paths(tiny_project, tmp_path), TrackingConfig(experiment="train-diag"), "idft-original")
+    train_stage.run_train(_cfg(max_steps=3), _paths(tiny_project, tmp_path), dataclasses.replace(BASE.tracking, experiment="train-diag"), "idft-original")
     client = mlflow.MlflowClient()
     run = mlflow.search_runs(experiment_names=["train-diag"]).iloc[0]
     history = {m.key: m for m in client.get_metric_history(run["run_id"], "idft/lambda")}
@@ -97,9 +103,9 @@ def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):
 
 
 def test_killed_training_resumes_at_the_same_step_and_lambda(tiny_project, tmp_path, monkeypatch):
-    cfg = _cfg(max_steps=6, save_steps=2, idft=type(_cfg().idft)(warmup_ratio=0.2, transition_ratio=0.5))
+    cfg = _cfg(max_steps=6, save_steps=2, idft=dataclasses.replace(BASE.train.idft, warmup_ratio=0.2, transition_ratio=0.5))
     paths = _paths(tiny_project, tmp_path / "a")
-    straight = train_stage.run_train(cfg, paths, TrackingConfig(enabled=False), "idft-original")
+    straight = train_stage.run_train(cfg, paths, OFF, "idft-original")
 
     lambdas = []
     real_step = TokenWeightedSFTTrainer.training_step
@@ -114,9 +120,9 @@ def test_killed_training_resumes_at_the_same_step_and_lambda(tiny_project, tmp_p
     monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", dies_at_step_3)
     paths = _paths(tiny_project, tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        train_stage.run_train(cfg, paths, TrackingConfig(enabled=False), "idft-original")
+        train_stage.run_train(cfg, paths, OFF, "idft-original")
     assert not (tmp_path / "b" / "train" / "idft-original" / "model").exists()
-    resumed = train_stage.run_train(cfg, paths, TrackingConfig(enabled=False), "idft-original")
+    resumed = train_stage.run_train(cfg, paths, OFF, "idft-original")
     assert resumed["resumed_from"].endswith("checkpoint-2")
     after_resume = [x for x in lambdas[lambdas.index("killed") + 1 :]]
     assert after_resume[0] == (2, pytest.approx((2 / 6 - 0.2) / 0.5)), "step counter and lambda schedule continue"

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onpolicy_core.config import DataConfig, FieldMap
-from onpolicy_core.data import arithmetic
 from onpolicy_core.grading import last_boxed
 from onpolicy_core.io import InputError, iter_jsonl
+from onpolicy_core.options import DataFormat, FieldMap
 from onpolicy_core.records import Problem
 
 GSM8K_CALC = re.compile(r"<<[^<>]*>>")
@@ -67,12 +66,12 @@ def _rows_from_file(path: Path, result: LoadResult) -> Iterator[tuple[str, dict]
         raise SourceError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
-def _rows_from_hub(dataset_id: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+def _rows_from_hub(dataset_id: str, hf_config: str | None, hf_split: str) -> Iterator[tuple[str, dict]]:
     import datasets  # imported here: slow, and only hub sources need it
 
-    ds = datasets.load_dataset(dataset_id, cfg.hf_config, split=cfg.hf_split)
+    ds = datasets.load_dataset(dataset_id, hf_config, split=hf_split)
     for i, obj in enumerate(ds):
-        yield f"hf:{dataset_id}[{cfg.hf_split}] row {i}", obj
+        yield f"hf:{dataset_id}[{hf_split}] row {i}", obj
 
 
 def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, prefix: str) -> Problem:
@@ -115,25 +114,23 @@ def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, 
     return Problem(id=ident, question=question, solution=solution, answer=answer, source=source)
 
 
-def load_source(source: str, cfg: DataConfig) -> LoadResult:
-    """Every usable record of `source` in order, plus counted skips. Zero usable records is an error."""
+def load_source(source: str, fmt: DataFormat, fields: FieldMap, max_chars: int, hf_config: str | None = None,
+                hf_split: str = "train") -> LoadResult:
+    """Every usable record of file or hub `source` ('hf:<id>') in order, plus counted skips; records
+    whose question + solution exceed `max_chars` are skipped. Zero usable records is an error."""
     result = LoadResult()
-    if source == "arithmetic":
-        a = cfg.arithmetic
-        result.problems = arithmetic.generate(a.n, a.min_steps, a.max_steps, a.max_operand, cfg.seed)
-        return result
-    rows = _rows_from_hub(source[3:], cfg) if source.startswith("hf:") else _rows_from_file(Path(source), result)
+    rows = _rows_from_hub(source[3:], hf_config, hf_split) if source.startswith("hf:") else _rows_from_file(Path(source), result)
     seen: set[str] = set()
     prefix = source[3:].replace("/", "-") if source.startswith("hf:") else f"{Path(source).parent.name}-{Path(source).stem}"
     for index, (where, obj) in enumerate(rows):
         try:
-            problem = _to_problem(obj, index, cfg.format, cfg.fields, source, prefix)
+            problem = _to_problem(obj, index, fmt, fields, source, prefix)
         except ValueError as exc:
             reason, detail = (exc.args + ("",))[:2] if exc.args else ("invalid", "")
             result.skip(str(reason), where, str(detail))
             continue
-        if len(problem.question) + len(problem.solution) > cfg.max_chars:
-            result.skip("over_long", where, f"{len(problem.question) + len(problem.solution)} > {cfg.max_chars} chars")
+        if len(problem.question) + len(problem.solution) > max_chars:
+            result.skip("over_long", where, f"{len(problem.question) + len(problem.solution)} > {max_chars} chars")
             continue
         if problem.id in seen:
             result.skip("duplicate_id", where, problem.id)

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from onpolicy_core.config import DataConfig, PathsConfig, TrackingConfig, to_dict
+from onpolicy_core.data import arithmetic
 from onpolicy_core.data.sources import LoadResult, SourceError, load_source
 from onpolicy_core.io import write_json, write_jsonl
 from onpolicy_core.tracking import stage_run
@@ -31,18 +32,25 @@ def _report(name: str, result: LoadResult) -> dict:
     }
 
 
+def _load(source: str, cfg: DataConfig) -> LoadResult:
+    if source == "arithmetic":
+        a = cfg.arithmetic
+        return LoadResult(problems=arithmetic.generate(a.n, a.min_steps, a.max_steps, a.max_operand, cfg.seed))
+    return load_source(source, cfg.format, cfg.fields, cfg.max_chars, cfg.hf_config, cfg.hf_split)
+
+
 def run_data(cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> dict:
     """Write `train.jsonl`, `eval.jsonl`, `val.jsonl` (data.n_val problems carved from the training
     pool, possibly none) and `summary.json` under `paths.data`; return the summary."""
     out = Path(paths.data)
     files = [s for s in (cfg.source, cfg.eval_source) if s and Path(s).is_file()]
     with stage_run("data", {"data": to_dict(cfg), "paths": to_dict(paths)}, tracking, inputs=files) as run:
-        loaded = load_source(cfg.source, cfg)
+        loaded = _load(cfg.source, cfg)
         sources = [_report(cfg.source, loaded)]
         problems = list(loaded.problems)
         random.Random(cfg.seed).shuffle(problems)
         if cfg.eval_source:
-            held_out = load_source(cfg.eval_source, cfg)
+            held_out = _load(cfg.eval_source, cfg)
             sources.append(_report(cfg.eval_source, held_out))
             eval_split, train_split = held_out.problems[: cfg.n_eval or None], problems
         else:

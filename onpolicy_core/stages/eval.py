@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from onpolicy_core.config import (
+    BASE,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -27,7 +28,7 @@ from onpolicy_core.config import (
     parse_run,
     to_dict,
 )
-from onpolicy_core.data.benchmarks import load_benchmark
+from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
 from onpolicy_core.evaluation import avg_at_k, mean_pass_at_k, pass_ks
 from onpolicy_core.generation import (
     Completion,
@@ -36,14 +37,13 @@ from onpolicy_core.generation import (
     VLLMGenerator,
 )
 from onpolicy_core.grading import grade, grade_boxed
-from onpolicy_core.io import ShardedResults, atomic_path, write_json
-from onpolicy_core.models import load_materialised, model_identity
+from onpolicy_core.io import atomic_path, write_json
 from onpolicy_core.prompts import render_prompt
-from onpolicy_core.tracking import log_metrics_to, register_model, stage_run
+from onpolicy_core.stages.skeleton import ModelStage, map_shards, model_stage, publish
+from onpolicy_core.tracking import log_metrics_to, register_model
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
 
 
 def model_folder(paths: PathsConfig, name: str) -> Path:
@@ -62,17 +62,17 @@ def training_run_id(paths: PathsConfig, name: str) -> str | None:
     return json.loads(summary.read_text()).get("mlflow_run_id")
 
 
-def make_generator(cfg: EvalConfig, folder: Path, model_cfg: ModelConfig):
+def make_generator(cfg: EvalConfig, folder: Path, model_cfg: ModelConfig, stage: ModelStage):
+    """The generator of `cfg.backend` (the HF one over the stage's loaded model)."""
     if cfg.backend == "vllm":
-        from transformers import AutoTokenizer
+        return VLLMGenerator(str(folder), stage.tokenizer, cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed)
+    return HFGenerator(stage.model, stage.tokenizer, batch_size=cfg.batch_size)
 
-        v = cfg.vllm
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        return VLLMGenerator(str(folder), tokenizer, dtype=model_cfg.dtype, seed=cfg.seed, tensor_parallel_size=v.tensor_parallel_size,
-                             gpu_memory_utilization=v.gpu_memory_utilization, cpu_kv_cache_gib=v.cpu_kv_cache_gib,
-                             max_model_len=v.max_model_len, enforce_eager=v.enforce_eager), tokenizer
-    model, tokenizer = load_materialised(folder, dtype=model_cfg.dtype, device="auto")
-    return HFGenerator(model, tokenizer, batch_size=cfg.batch_size), tokenizer
+
+def benchmark_source(cfg: EvalConfig, paths: PathsConfig) -> BenchmarkSource:
+    return BenchmarkSource(data_root=cfg.data_root, allow_hub=cfg.allow_hub, limit=cfg.limit, seed=cfg.seed,
+                           held_out=Path(paths.data) / "eval.jsonl", ood_extra_steps=cfg.ood_extra_steps,
+                           ood_operand_scale=cfg.ood_operand_scale)
 
 
 def _rows(benchmark: str, problems, mode: str, completions: list[list[Completion]]) -> list[dict]:
@@ -146,28 +146,27 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
     out = Path(paths.eval) / name
     config = {"eval": to_dict(cfg), "model": name, "model_folder": str(folder)}
     parent = training_run_id(paths, name)
-    with stage_run("eval", config, tracking, run_name=f"eval-{name}", parent_run_id=parent,
-                   inputs=[folder, Path(paths.data) / "eval.jsonl"]) as run:
-        run.set_tags({"onpolicy.model": name, "onpolicy.backend": cfg.backend})
-        loaded = {b: load_benchmark(b, cfg, Path(paths.data) / "eval.jsonl", data_cfg.arithmetic) for b in cfg.benchmarks}
-        fingerprint = {"config": to_dict(cfg), "model": model_identity(folder),
-                       "problems": {b: [p.id for p in problems] for b, (problems, _) in loaded.items()}}
-        shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
-        generator, tokenizer = make_generator(cfg, folder, model_cfg)
-        rows: list[dict] = []
-        start, generated = time.perf_counter(), 0
+    where = benchmark_source(cfg, paths)
+    generator_settings = Generator(max_steps=data_cfg.arithmetic.max_steps, max_operand=data_cfg.arithmetic.max_operand)
+    loaded = {b: load_benchmark(b, where, generator_settings) for b in cfg.benchmarks}
+    fingerprint = {"config": to_dict(cfg), "problems": {b: [p.id for p in problems] for b, (problems, _) in loaded.items()}}
+    with model_stage("eval", config, tracking, out=out, model_dir=folder, fingerprint=fingerprint, run_name=f"eval-{name}",
+                     parent_run_id=parent, inputs=[folder, where.held_out], load_model=cfg.backend == "hf",
+                     dtype=model_cfg.dtype) as stage:
+        stage.run.set_tags({"onpolicy.model": name, "onpolicy.backend": cfg.backend})
+        generator = make_generator(cfg, folder, model_cfg, stage)
+        start = time.perf_counter()
+
+        def evaluate_shard(shard: list[str]) -> list[dict]:  # one benchmark per shard
+            (benchmark,) = shard
+            return evaluate_benchmark(generator, stage.tokenizer, benchmark, loaded[benchmark][0], cfg)
+
         try:
-            for index, (benchmark, (problems, _)) in enumerate(loaded.items()):
-                if shards.done(index):
-                    rows.extend(shards.read(index))
-                    continue
-                bench_rows = evaluate_benchmark(generator, tokenizer, benchmark, problems, cfg)
-                generated += sum(r["n_tokens"] for r in bench_rows)
-                shards.write(index, bench_rows)
-                rows.extend(bench_rows)
+            rows = map_shards(stage.shards, list(loaded), 1, evaluate_shard)
         finally:
             generator.close()
         seconds = time.perf_counter() - start
+        generated = sum(r["n_tokens"] for r in rows)
         metrics = {b: benchmark_metrics([r for r in rows if r["benchmark"] == b], cfg.samples) for b in cfg.benchmarks}
         skipped = {b: dict(report.skipped) for b, (_, report) in loaded.items() if report is not None and report.skipped}
         summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "seconds": round(seconds, 1),
@@ -180,11 +179,8 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
                 tags = {f"eval.{k.replace('/', '.')}": round(v, 6) for k, v in flat.items()}
                 summary["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
         _write_parquet(rows, out / "records.parquet")
-        write_json(out / "metrics.json", metrics)
         write_json(out / "summary.json", summary)
-        run.log_metrics(flat | {"tokens_per_second": summary["tokens_per_second"] or 0.0})
-        run.log_artifact(out / "metrics.json")
-        run.log_artifact(out / "records.parquet")
-        shards.clear()
+        publish(stage.run, out / "metrics.json", metrics, [out / "metrics.json", out / "records.parquet"],
+                logged=flat | {"tokens_per_second": summary["tokens_per_second"] or 0.0})
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
     return metrics

@@ -16,7 +16,6 @@ be the gold answer is rejected, so no training set learns a never-stop habit fro
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -28,15 +27,15 @@ from tqdm import tqdm
 
 from onpolicy_core import ddt
 from onpolicy_core.config import (
-    REALIGN_VARIANTS,
     PathsConfig,
     RealignConfig,
+    RealignVariant,
     TrackingConfig,
     to_dict,
 )
-from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable, stop_token_ids
+from onpolicy_core.generation import stop_token_ids
 from onpolicy_core.grading import grade_boxed
-from onpolicy_core.hinted import DecodeOptions, hinted_generate
+from onpolicy_core.hinted import MixingOptions, hinted_generate
 from onpolicy_core.io import (
     ShardedResults,
     file_sha256,
@@ -44,10 +43,9 @@ from onpolicy_core.io import (
     write_json,
     write_jsonl,
 )
-from onpolicy_core.models import load_materialised, model_identity
 from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
 from onpolicy_core.records import REQUIRED_FIELDS, Problem
-from onpolicy_core.tracking import stage_run
+from onpolicy_core.stages.skeleton import map_shards, model_stage, publish
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 64
@@ -72,16 +70,11 @@ def verify(text: str, finish_reason: str, gold: str) -> tuple[bool, str | None, 
 ANALYSIS_HEADER = "# Analysis\n"
 
 
-def decode_options(cfg: RealignConfig, variant: str) -> DecodeOptions:
-    """The decoding options of a variant: 'self_distill' is linear mixing with beta 0 (pure hinted)."""
-    if variant not in REALIGN_VARIANTS:
-        raise ValueError(f"variant must be one of {REALIGN_VARIANTS}, got {variant!r}")
-    # DecodeOptions (algorithm layer) has the same field names as RealignConfig's decoding fields.
-    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodeOptions)}
-    options["piecewise_bounds"] = tuple(cfg.piecewise_bounds)
-    if variant == "self_distill":
-        options.update(beta=0.0, lambda_mode="linear")
-    return DecodeOptions(**options)
+def variant_mixing(cfg: RealignConfig, variant: RealignVariant) -> MixingOptions:
+    """The mixing of a variant (realign.mixing.<variant>)."""
+    if not hasattr(cfg.mixing, variant):
+        raise ValueError(f"unknown realign variant {variant!r}")
+    return getattr(cfg.mixing, variant)
 
 
 def example_seed(seed: int, example_id: str) -> int:
@@ -112,14 +105,14 @@ def analysis_prefixes(model, tokenizer, problems: list[Problem], cfg: RealignCon
     return prefixes, finished
 
 
-def _hf_decode(model, tokenizer, hinted, plain, seeds, opts, eos_ids, batch_size: int, bar) -> list:
+def _hf_decode(model, tokenizer, hinted, plain, seeds, opts, mixing, eos_ids, batch_size: int, bar) -> list:
     """The batched HF generator over pairs sorted by length (longest first)."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     decoded: list = [None] * len(hinted)
     order = sorted(range(len(hinted)), key=lambda i: -(len(hinted[i]) + len(plain[i])))
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        outs = hinted_generate(model, [hinted[i] for i in idx], [plain[i] for i in idx], opts, eos_ids, decode,
+        outs = hinted_generate(model, [hinted[i] for i in idx], [plain[i] for i in idx], opts, mixing, eos_ids, decode,
                                pad_token_id=tokenizer.pad_token_id or 0, seeds=[seeds[i] for i in idx])
         for i, o in zip(idx, outs):
             decoded[i] = o
@@ -127,21 +120,17 @@ def _hf_decode(model, tokenizer, hinted, plain, seeds, opts, eos_ids, batch_size
     return decoded
 
 
-def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfig, variant: str,
+def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfig, variant: RealignVariant,
                     shards: ShardedResults | None = None, engine=None) -> list[dict]:
     """One detail row per problem (input order), computed shard by shard so a killed run resumes.
     With a vLLM `engine` (hinted_vllm.make_engine) pairs decode there; desynced ones on HF."""
-    opts = decode_options(cfg, variant)
+    opts, mixing = cfg.decoding, variant_mixing(cfg, variant)
     eos_ids = sorted(stop_token_ids(model, tokenizer))
-    rows: list[dict] = []
     bar = tqdm(total=len(problems), desc=f"Hinted Decoding ({variant})", unit="ex", dynamic_ncols=True)
     generated, start = 0, time.perf_counter()
-    for shard_index, shard_start in enumerate(range(0, len(problems), SHARD_SIZE)):
-        chunk = problems[shard_start : shard_start + SHARD_SIZE]
-        if shards is not None and shards.done(shard_index):
-            rows.extend(shards.read(shard_index))
-            bar.update(len(chunk))
-            continue
+
+    def realign_shard(chunk: list[Problem]) -> list[dict]:
+        nonlocal generated
         prefixes, analysed = analysis_prefixes(model, tokenizer, chunk, cfg)
         hinted = [tokenizer(render_hinted_prompt(tokenizer, p.question, p.solution, pre), add_special_tokens=False)["input_ids"]
                   for p, pre in zip(chunk, prefixes)]
@@ -150,18 +139,18 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
         if engine is not None:
             from onpolicy_core.hinted_vllm import vllm_hinted_generate
 
-            decoded = vllm_hinted_generate(engine, hinted, plain, opts, eos_ids, seeds)
+            decoded = vllm_hinted_generate(engine, hinted, plain, opts, mixing, eos_ids, seeds)
             decoded_by = ["vllm" if d is not None else "hf_after_vllm_desync" for d in decoded]
             redo = [i for i, d in enumerate(decoded) if d is None]
             bar.update(len(chunk) - len(redo))
             if redo:
                 log.warning("%d pair(s) lost lockstep on vLLM; recomputing them with the HF generator", len(redo))
                 again = _hf_decode(model, tokenizer, [hinted[i] for i in redo], [plain[i] for i in redo],
-                                   [seeds[i] for i in redo], opts, eos_ids, cfg.batch_size, bar)
+                                   [seeds[i] for i in redo], opts, mixing, eos_ids, cfg.batch_size, bar)
                 for i, d in zip(redo, again):
                     decoded[i] = d
         else:
-            decoded = _hf_decode(model, tokenizer, hinted, plain, seeds, opts, eos_ids, cfg.batch_size, bar)
+            decoded = _hf_decode(model, tokenizer, hinted, plain, seeds, opts, mixing, eos_ids, cfg.batch_size, bar)
             decoded_by = ["hf"] * len(chunk)
         generated += sum(len(d.token_ids) for d in decoded)
         bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.0f}")
@@ -186,9 +175,12 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
                 "avg_phi": a_new,
                 "avg_phi_original": a_old,
             })
-        if shards is not None:
-            shards.write(shard_index, shard_rows)
-        rows.extend(shard_rows)
+        return shard_rows
+
+    if shards is None:
+        rows = [row for i in range(0, len(problems), SHARD_SIZE) for row in realign_shard(problems[i : i + SHARD_SIZE])]
+    else:
+        rows = map_shards(shards, problems, SHARD_SIZE, realign_shard, on_resumed=bar.update)
     bar.close()
     return rows
 
@@ -215,7 +207,7 @@ def apply_policy(rows: list[dict], policy: str) -> list[dict]:
     return kept
 
 
-def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
+def summarise(rows: list[dict], variant: str, mixing: MixingOptions) -> dict:
     def mean(values):
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
@@ -232,8 +224,8 @@ def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
             rejections[r["rejection"]] += 1
     return {
         "variant": variant,
-        "beta": opts.beta,
-        "lambda_mode": opts.lambda_mode,
+        "beta": mixing.beta,
+        "lambda_mode": mixing.lambda_mode,
         "examples": len(rows),
         "verified_rate": mean([float(r["verified"]) for r in rows]),
         "eos_rate": mean([float(r["finish_reason"] == "eos") for r in rows]),
@@ -250,33 +242,32 @@ def summarise(rows: list[dict], variant: str, opts: DecodeOptions) -> dict:
     }
 
 
-def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig, variant: str,
+def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig, variant: RealignVariant,
                 input_path: str | Path | None = None, output_dir: str | Path | None = None) -> dict:
     input_path = Path(input_path or Path(paths.data) / "train.jsonl")
     out = Path(output_dir or Path(paths.realign) / variant)
     problems = [Problem.from_dict(r) for r in read_jsonl(input_path)]
-    opts = decode_options(cfg, variant)
-    config = {"realign": to_dict(cfg), "variant": variant, "resolved_decoding": to_dict(opts), "input": str(input_path)}
-    with stage_run("realign", config, tracking, run_name=f"realign-{variant}", inputs=[paths.model, input_path]) as run:
-        model, tokenizer = load_materialised(paths.model, device="auto")
-        fingerprint = {"config": config, "input": file_sha256(input_path), "model": model_identity(paths.model)}
-        shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
+    mixing = variant_mixing(cfg, variant)
+    # Only what this variant reads: the other variant's mixing does not touch its fingerprint.
+    config = {"realign": {k: v for k, v in to_dict(cfg).items() if k != "mixing"}, "mixing": to_dict(mixing),
+              "variant": variant, "input": str(input_path)}
+    fingerprint = {"config": config, "input": file_sha256(input_path)}
+    with model_stage("realign", config, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
+                     inputs=[paths.model, input_path], run_name=f"realign-{variant}") as stage:
         engine = None
         if cfg.backend == "vllm":
+            from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable
+
             try:
                 from onpolicy_core.hinted_vllm import make_engine
             except ImportError as exc:
                 raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
-
-            v = cfg.vllm
-            engine = make_engine(str(paths.model), dtype=str(model.dtype).removeprefix("torch."), seed=cfg.seed,
-                                 max_model_len=v.max_model_len, cpu_kv_cache_gib=v.cpu_kv_cache_gib,
-                                 gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager)
+            engine = make_engine(str(paths.model), cfg.vllm, dtype=str(stage.model.dtype).removeprefix("torch."), seed=cfg.seed)
         start = time.perf_counter()
-        rows = realign_records(model, tokenizer, problems, cfg, variant, shards, engine)
+        rows = realign_records(stage.model, stage.tokenizer, problems, cfg, variant, stage.shards, engine)
         seconds = time.perf_counter() - start
         train = apply_policy(rows, cfg.on_unverified)
-        summary = summarise(rows, variant, opts)
+        summary = summarise(rows, variant, mixing)
         summary["train_examples"] = len(train)
         summary["seconds"] = round(seconds, 1)
         write_jsonl(out / "records.jsonl", rows)
@@ -292,11 +283,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
             **{f"rejected.{k}": v for k, v in summary["rejections"].items()},
             **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
-        write_json(out / "metrics.json", metrics)
-        shards.clear()
-        run.log_metrics(metrics)
-        run.log_artifact(out / "summary.json")
-        run.log_artifact(out / "records.jsonl")
+        publish(stage.run, out / "metrics.json", metrics, [out / "summary.json", out / "records.jsonl"])
         log.info("realign %s: %d/%d verified, avg-phi original %.3f -> %s %.3f", variant,
                  sum(r["verified"] for r in rows), len(rows), summary["avg_phi"]["original"] or float("nan"),
                  variant, summary["avg_phi"][variant] or float("nan"))

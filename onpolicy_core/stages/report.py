@@ -25,23 +25,24 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
 from onpolicy_core.config import (
-    REALIGN_VARIANTS,
-    TRAIN_DATA,
+    BASE,
     EvalConfig,
     PathsConfig,
+    RealignVariant,
     ReportConfig,
     TrackingConfig,
+    TrainData,
     parse_run,
     run_group,
     to_dict,
 )
 from onpolicy_core.evaluation import pass_at_k
 from onpolicy_core.io import InputError, atomic_path, write_json, write_text
-from onpolicy_core.stages.eval import BASE
 from onpolicy_core.statistics import (
     Comparison,
     Estimate,
@@ -236,7 +237,7 @@ def truncation_flags(results: dict[str, dict], runs: list[str]) -> list[str]:
 def ddt_statistics(paths: PathsConfig) -> dict[str, dict]:
     """avg-phi of every training set (original, self-distilled, hinted) with n, sd and a 95% t-interval."""
     out = {}
-    for data in TRAIN_DATA:
+    for data in get_args(TrainData):
         summary = Path(paths.score) / data / "summary.json"
         if not summary.exists():
             log.warning("no DDT summary for training set %r at %s; the report omits it", data, summary)
@@ -254,7 +255,7 @@ def ddt_statistics(paths: PathsConfig) -> dict[str, dict]:
 
 def realign_statistics(paths: PathsConfig) -> dict[str, dict]:
     out = {}
-    for variant in REALIGN_VARIANTS:
+    for variant in get_args(RealignVariant):
         summary = Path(paths.realign) / variant / "summary.json"
         if summary.exists():
             s = json.loads(summary.read_text())

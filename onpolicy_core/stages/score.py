@@ -12,10 +12,17 @@ from tqdm import tqdm
 
 from onpolicy_core import ddt
 from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig, to_dict
-from onpolicy_core.io import InputError, ShardedResults, atomic_path, file_sha256, iter_jsonl, write_json, write_jsonl
-from onpolicy_core.models import load_materialised, model_identity
+from onpolicy_core.io import (
+    InputError,
+    ShardedResults,
+    atomic_path,
+    file_sha256,
+    iter_jsonl,
+    write_json,
+    write_jsonl,
+)
 from onpolicy_core.prompts import encode_pair, render_prompt
-from onpolicy_core.tracking import stage_run
+from onpolicy_core.stages.skeleton import map_shards, model_stage, publish
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +53,20 @@ def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, resp
 
     Each record needs `id`, `question` and `response_field`; the prompt is the shared chat prompt.
     """
-    rows: list[dict] = []
-    total = len(problems)
-    bar = tqdm(total=total, desc="DDT scoring", unit="ex", dynamic_ncols=True)
+    bar = tqdm(total=len(problems), desc="DDT scoring", unit="ex", dynamic_ncols=True)
     tokens_done, start = 0, time.perf_counter()
-    for shard_index, shard_start in enumerate(range(0, total, SHARD_SIZE)):
-        chunk = problems[shard_start : shard_start + SHARD_SIZE]
-        if shards is not None and shards.done(shard_index):
-            rows.extend(shards.read(shard_index))
-            bar.update(len(chunk))
-            continue
+
+    def progress(n_examples: int, n_tokens: int) -> None:
+        nonlocal tokens_done
+        tokens_done += n_tokens
+        bar.update(n_examples)
+        bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - start, 1e-9):.0f}")
+
+    def score_shard(chunk: list[dict]) -> list[dict]:
         pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p["question"]), p[response_field]) for p in chunk]
-
-        def progress(n_examples: int, n_tokens: int) -> None:
-            nonlocal tokens_done
-            tokens_done += n_tokens
-            bar.update(n_examples)
-            bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - start, 1e-9):.0f}")
-
         scores = ddt.score_pairs(model, pairs, cfg.temperature, cfg.chunk_size, cfg.max_tokens_per_batch,
                                  cfg.max_batch_size, tokenizer.pad_token_id or 0, on_batch=progress)
-        shard_rows = [
+        return [
             {
                 "id": p["id"],
                 **ddt.example_stats(s, cfg.thresholds),
@@ -77,9 +77,11 @@ def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, resp
             }
             for p, s, (_, response) in zip(chunk, scores, pairs)
         ]
-        if shards is not None:
-            shards.write(shard_index, shard_rows)
-        rows.extend(shard_rows)
+
+    if shards is None:
+        rows = [row for i in range(0, len(problems), SHARD_SIZE) for row in score_shard(problems[i : i + SHARD_SIZE])]
+    else:
+        rows = map_shards(shards, problems, SHARD_SIZE, score_shard, on_resumed=bar.update)
     bar.close()
     return rows
 
@@ -180,17 +182,11 @@ def run_score(
     problems = _read_scorable(input_path, response_field)
     name = out.name
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
-    with stage_run("score", config, tracking, run_name=f"score-{name}", inputs=[paths.model, input_path]) as run:
-        model, tokenizer = load_materialised(paths.model, device="auto")
-        fingerprint = {
-            "score": to_dict(cfg),
-            "input_sha256": file_sha256(input_path),
-            "model": model_identity(paths.model),
-            "response_field": response_field,
-        }
-        shards = ShardedResults(out.with_name(f".{out.name}.partial"), fingerprint)
+    fingerprint = {"score": to_dict(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
+    with model_stage("score", config, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
+                     inputs=[paths.model, input_path], run_name=f"score-{name}") as stage:
         start = time.perf_counter()
-        rows = score_records(model, tokenizer, problems, cfg, response_field, shards)
+        rows = score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards)
         seconds = time.perf_counter() - start
         summary = summarise(rows, cfg)
         ids, rule = select(rows, cfg)
@@ -205,13 +201,8 @@ def run_score(
         keep = set(ids)
         write_jsonl(out / SELECTED_FILE, (r for r in problems if r["id"] in keep))
         write_json(out / SUMMARY_FILE, summary)
-        metrics = _flat_metrics(summary)
-        write_json(out / METRICS_FILE, metrics)
         plot(rows, summary, out / PLOT_FILE, f"DDT scores: {name} ({summary['scored_examples']} examples)")
-        shards.clear()
-        run.log_metrics(metrics)
-        for f in (SUMMARY_FILE, PLOT_FILE):
-            run.log_artifact(out / f)
+        publish(stage.run, out / METRICS_FILE, _flat_metrics(summary), [out / SUMMARY_FILE, out / PLOT_FILE])
         log.info("score %s: avg-phi mean %s over %d examples, %.0f tok/s", name,
                  summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], summary["tokens_per_second"])
     return summary

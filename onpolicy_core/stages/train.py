@@ -16,11 +16,20 @@ from pathlib import Path
 
 import torch
 
-from onpolicy_core.config import PathsConfig, TrackingConfig, TrainConfig, parse_run, run_seed, to_dict
+from onpolicy_core.config import (
+    METHOD_PARAMS,
+    PathsConfig,
+    TrackingConfig,
+    TrainCommon,
+    TrainConfig,
+    parse_run,
+    run_seed,
+    to_dict,
+    training_file,
+)
 from onpolicy_core.generation import HFGenerator, SamplingSpec
 from onpolicy_core.grading import grade
 from onpolicy_core.io import atomic_dir, atomic_path, read_jsonl, write_json
-from onpolicy_core.losses import IDFTParams
 from onpolicy_core.models import load_materialised
 from onpolicy_core.prompts import render_prompt
 from onpolicy_core.records import Problem
@@ -31,17 +40,12 @@ from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 log = logging.getLogger(__name__)
 
 
-def data_path(paths: PathsConfig, data: str) -> Path:
-    """Training records of a data choice: the data stage's split or a Hinted Decoding variant."""
-    return Path(paths.data) / "train.jsonl" if data == "original" else Path(paths.realign) / data / "train.jsonl"
-
-
-def _precision(cfg: TrainConfig) -> dict:
+def _precision(cfg: TrainCommon) -> dict:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return {"bf16": bf16, "fp16": False}
 
 
-def _common_args(cfg: TrainConfig, out: Path, tracking: TrackingConfig) -> dict:
+def _common_args(cfg: TrainCommon, out: Path, tracking: TrackingConfig) -> dict:
     """TrainingArguments shared by every method; every default that changes the math is explicit."""
     return dict(
         output_dir=str(out),
@@ -68,7 +72,7 @@ def _common_args(cfg: TrainConfig, out: Path, tracking: TrackingConfig) -> dict:
     )
 
 
-def _peft_config(cfg: TrainConfig):
+def _peft_config(cfg: TrainCommon):
     if not cfg.lora.enabled:
         return None
     from peft import LoraConfig
@@ -82,14 +86,12 @@ def _sft_trainer(method: str, cfg: TrainConfig, model, tokenizer, problems: list
     from trl import SFTConfig
 
     rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + (tokenizer.eos_token or "")} for p in problems]
-    args = SFTConfig(**_common_args(cfg, out, tracking), max_length=cfg.max_length, completion_only_loss=True,
+    args = SFTConfig(**_common_args(cfg.common, out, tracking), max_length=cfg.common.max_length, completion_only_loss=True,
                      loss_type="nll", packing=False)
-    i = cfg.idft
     summary["examples"] = len(rows)
     return TokenWeightedSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        peft_config=_peft_config(cfg), method=method,
-        idft=IDFTParams(i.beta, i.gamma_min, i.gamma_max), idft_warmup_ratio=i.warmup_ratio, idft_transition_ratio=i.transition_ratio,
+        peft_config=_peft_config(cfg.common), method=method, idft=cfg.idft, eaft=cfg.eaft,
     )
 
 
@@ -100,7 +102,7 @@ def _preference_dataset(model, tokenizer, problems: list[Problem], cfg: TrainCon
     pc = cfg.preference
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    spec = SamplingSpec(pc.samples_per_prompt, pc.temperature, pc.top_p, pc.max_new_tokens, cfg.seed)
+    spec = SamplingSpec(pc.samples_per_prompt, pc.temperature, pc.top_p, pc.max_new_tokens, cfg.common.seed)
     with tqdm(total=len(prompts), desc="sampling preference candidates", unit="prompt") as bar:
         completions = HFGenerator(model, tokenizer, batch_size=8 * pc.samples_per_prompt).generate(prompt_ids, spec, progress=bar)
     samples = [[c.text for c in row] for row in completions]
@@ -119,9 +121,9 @@ def _dpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary
     from trl import DPOConfig, DPOTrainer
 
     dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
-    args = DPOConfig(**_common_args(cfg, out, tracking), beta=cfg.preference.dpo_beta,
-                     loss_type=[cfg.preference.dpo_loss_type], max_length=cfg.max_length)
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg))
+    args = DPOConfig(**_common_args(cfg.common, out, tracking), beta=cfg.preference.dpo_beta,
+                     loss_type=[cfg.preference.dpo_loss_type], max_length=cfg.common.max_length)
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg.common))
 
 
 def _simpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary):
@@ -129,15 +131,16 @@ def _simpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summa
 
     dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
     pc = cfg.preference
-    args = CPOConfig(**_common_args(cfg, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha, beta=pc.simpo_beta,
-                     simpo_gamma=pc.simpo_gamma, max_length=cfg.max_length)
-    return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg))
+    args = CPOConfig(**_common_args(cfg.common, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha, beta=pc.simpo_beta,
+                     simpo_gamma=pc.simpo_gamma, max_length=cfg.common.max_length)
+    return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg.common))
 
 
 TRAINERS = {
     "sft": _sft_trainer,
     "dft": _sft_trainer,
     "eaft": _sft_trainer,
+    "eaft_full": _sft_trainer,
     "idft": _sft_trainer,
     "dpo": _dpo_trainer,
     "simpo": _simpo_trainer,
@@ -182,19 +185,25 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def _method_options(method: str, cfg: TrainConfig) -> dict:
+    """The options block the method reads (what its DVC stage lists besides train.common)."""
+    block = METHOD_PARAMS.get(method, "train.common").removeprefix("train.")
+    return {block: to_dict(getattr(cfg, block))} if block != "common" else {}
+
+
 def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, run: str) -> dict:
     """Train `run` ('<method>-<data>[-s<seed>]'); write <paths.train>/<run>/model and metrics.json."""
     method, data = parse_run(run)
-    cfg = dataclasses.replace(cfg, seed=run_seed(run, cfg.seed))
+    cfg = dataclasses.replace(cfg, common=dataclasses.replace(cfg.common, seed=run_seed(run, cfg.common.seed)))
     out = Path(paths.train) / run
     checkpoints = Path(paths.train) / ".checkpoints" / run
-    problems = [Problem.from_dict(r) for r in read_jsonl(data_path(paths, data))]
-    config = {"train": to_dict(cfg), "run": run, "method": method, "data": data}
-    with stage_run("train", config, tracking, run_name=f"train-{run}",
-                   inputs=[paths.model, data_path(paths, data)]) as handle:
-        handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.seed)})
+    data_file = training_file(paths, data)
+    problems = [Problem.from_dict(r) for r in read_jsonl(data_file)]
+    config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data}
+    with stage_run("train", config, tracking, run_name=f"train-{run}", inputs=[paths.model, data_file]) as handle:
+        handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
         model, tokenizer = load_materialised(paths.model)
-        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.seed, "mlflow_run_id": handle.run_id}
+        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed, "mlflow_run_id": handle.run_id}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
         resume = _last_checkpoint(checkpoints)
         if resume:
@@ -205,7 +214,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
                        seconds=round(time.perf_counter() - start, 1),
                        loss_history=[e["loss"] for e in trainer.state.log_history if "loss" in e])
         trained = trainer.model
-        if cfg.lora.enabled and cfg.lora.merge:
+        if cfg.common.lora.enabled and cfg.common.lora.merge:
             trained = trained.merge_and_unload()
         with atomic_dir(out / "model") as tmp:
             trained.save_pretrained(tmp, safe_serialization=True)
@@ -218,7 +227,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
         ranges = {"phi": (-3 * cfg.idft.beta, 3 * cfg.idft.beta), "gamma": (cfg.idft.gamma_min, cfg.idft.gamma_max)}
         if plot_diagnostics(trainer.state.log_history, out / "diagnostics.png", f"{run}: loss and IDFT diagnostics", ranges):
             handle.log_artifact(out / "diagnostics.png")
-        if cfg.log_model:
+        if cfg.common.log_model:
             handle.log_artifacts(out / "model", artifact_path="model")
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("train %s: %d steps, loss %.4f -> %s", run, trainer.state.global_step, result.training_loss, out / "model")

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
-NO_CORRECT_POLICIES = ("reference", "skip")
+from onpolicy_core.options import NoCorrectPolicy
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,10 @@ class Pair:
 
 
 def build_pairs(samples: Sequence[Sequence[str]], correct: Sequence[Sequence[bool]], references: Sequence[str],
-                no_correct: str = "reference") -> tuple[list[Pair], Counter]:
+                no_correct: NoCorrectPolicy) -> tuple[list[Pair], Counter]:
     """At most one pair per prompt; counts per outcome say why prompts gave no pair."""
-    if no_correct not in NO_CORRECT_POLICIES:
-        raise ValueError(f"no_correct must be one of {NO_CORRECT_POLICIES}")
+    if no_correct not in get_args(NoCorrectPolicy):
+        raise ValueError(f"no_correct must be one of {get_args(NoCorrectPolicy)}")
     pairs, counts = [], Counter()
     for i, (texts, ok, reference) in enumerate(zip(samples, correct, references, strict=True)):
         wrong = [t for t, good in zip(texts, ok) if not good]

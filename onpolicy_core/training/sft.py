@@ -1,7 +1,9 @@
-"""TRL `SFTTrainer` with the token-weighted loss family of `onpolicy_core.losses` (nll, dft, eaft, idft).
+"""TRL `SFTTrainer` with the token-weighted loss family of `onpolicy_core.losses` (sft, dft, eaft,
+eaft_full, idft).
 
 Only `compute_loss` changes: it reads TRL's fused LM head outputs (per-token `log_probs`, `entropy`,
-`label_mask`, computed in tiles without the logits), weights each token, and records the IDFT
+`label_mask`, computed in tiles without the logits; EAFT reads the full logits for its top-K
+entropy), weights each token, and records the IDFT
 diagnostics of the official trainer (lambda; mean/std/min/max/median of phi and gamma; their 10-bin
 histograms over [-3 beta, 3 beta] and [gamma_min, gamma_max]). Everything else (data collation,
 optimisation, checkpointing, resume) is TRL's and transformers'.
@@ -10,28 +12,50 @@ optimisation, checkpointing, resume) is TRL's and transformers'.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
+from typing import get_args
 
 import torch
 from trl import SFTTrainer
 
-from onpolicy_core.losses import IDFTParams, histogram_shares, idft_gamma, idft_lambda, summary_stats, token_weights, weighted_nll
+from onpolicy_core.losses import (
+    histogram_shares,
+    idft_gamma,
+    idft_lambda,
+    summary_stats,
+    token_loss,
+    token_weights,
+    topk_entropy,
+)
+from onpolicy_core.options import EAFTOptions, IDFTOptions, TokenMethod
 
-TOKEN_METHODS = ("sft", "dft", "eaft", "idft")
-_LOSS_OF_METHOD = {"sft": "nll", "dft": "dft", "eaft": "eaft", "idft": "idft"}
+
+def _logit_outputs(model, inputs: dict, top_k: int) -> SimpleNamespace:
+    """The fused head's per-token fields plus the top-K entropy, from the full logits (EAFT needs
+    the K largest logits, which the fused head does not return)."""
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = inputs["labels"][:, 1:].to(logits.device)
+    mask = labels != -100
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    log_probs = log_softmax.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        is_top1 = logits.argmax(-1) == labels
+        top = topk_entropy(logits, top_k)
+    return SimpleNamespace(log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask, top_k_entropy=top)
 
 
 class TokenWeightedSFTTrainer(SFTTrainer):
     """SFT whose per-token loss is -w_t log p_t with a detached weight chosen by `method`."""
 
-    def __init__(self, *args, method: str, idft: IDFTParams | None = None, idft_warmup_ratio: float = 0.2,
-                 idft_transition_ratio: float = 0.1, **kwargs):
-        if method not in TOKEN_METHODS:
-            raise ValueError(f"method must be one of {TOKEN_METHODS}, got {method!r}")
+    def __init__(self, *args, method: TokenMethod, idft: IDFTOptions | None, eaft: EAFTOptions | None, **kwargs):
+        if method not in get_args(TokenMethod):
+            raise ValueError(f"method must be one of {get_args(TokenMethod)}, got {method!r}")
+        if (method == "idft" and idft is None) or (method == "eaft" and eaft is None):
+            raise ValueError(f"method {method!r} needs its options")
         super().__init__(*args, **kwargs)
-        self.method = method
-        self.idft = idft or IDFTParams()
-        self.idft_warmup_ratio = idft_warmup_ratio
-        self.idft_transition_ratio = idft_transition_ratio
+        self.method, self.idft, self.eaft = method, idft, eaft
         self._last_log = (time.perf_counter(), 0)
 
     def idft_lambda_now(self) -> float:
@@ -39,17 +63,22 @@ class TokenWeightedSFTTrainer(SFTTrainer):
         schedule continues where it stopped (the official trainer restarts it)."""
         total = self.state.max_steps
         progress = self.state.global_step / total if total and total > 0 else 1.0
-        return idft_lambda(progress, self.idft_warmup_ratio, self.idft_transition_ratio)
+        return idft_lambda(progress, self.idft.warmup_ratio, self.idft.transition_ratio)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
+        if self.method == "eaft":
+            outputs = _logit_outputs(model, inputs, self.eaft.top_k)
+        else:
+            outputs = model(**inputs, fused_lm_head=True)
         mask = outputs.label_mask
         lam = self.idft_lambda_now() if self.method == "idft" else 1.0
-        weights = token_weights(_LOSS_OF_METHOD[self.method], outputs.log_probs, outputs.entropy, lam=lam,
-                                idft=self.idft, vocab_size=self.model.config.get_text_config().vocab_size)
-        loss = weighted_nll(outputs.log_probs, weights, mask, num_items_in_batch)
+        weights = token_weights(self.method, outputs.log_probs, outputs.entropy, lam=lam, idft=self.idft,
+                                vocab_size=self.model.config.get_text_config().vocab_size,
+                                top_k_entropy=getattr(outputs, "top_k_entropy", None),
+                                top_k=self.eaft.top_k if self.eaft else None)
+        loss = token_loss(self.method, outputs.log_probs, weights, mask, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         self._record(mode, outputs, mask, lam, inputs)

@@ -7,7 +7,7 @@ set -euo pipefail
 RATES=${RATES:-"3.0e-05 1.0e-04 3.0e-04"}
 dvc repro model data
 for lr in $RATES; do
-  onpolicy train --run sft-original --set "train.learning_rate=$lr" --set "paths.train=artifacts/tune/train-lr-$lr" \
+  onpolicy train --run sft-original --set "train.common.learning_rate=$lr" --set "paths.train=artifacts/tune/train-lr-$lr" \
     --set train.log_model=false --set tracking.enabled=false
   onpolicy eval --model sft-original --set "paths.train=artifacts/tune/train-lr-$lr" --set "paths.eval=artifacts/tune/eval-lr-$lr" \
     --set 'eval.benchmarks=[arithmetic_val]' --set eval.limit=null --set tracking.enabled=false

@@ -1,0 +1,82 @@
+"""A change reruns exactly the stages that read it, on the real DVC graph.
+
+Every output of a throwaway copy of the project is recorded by `dvc commit` (the graph is what is
+tested, not the stages' work), then one setting changes: the stages `dvc status` calls changed, plus
+everything downstream of them in `dvc dag`, must be exactly the stages that read the setting."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, bin_env
+
+pytestmark = pytest.mark.service
+
+
+def _dvc(project, *args) -> str:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True, env=bin_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _record_every_output(project) -> None:
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        outs = [out.fs_path for stage in repo.index.stages for out in stage.outs]
+    for path in map(__import__("pathlib").Path, outs):
+        if path.name == "model":  # folders: the base model and each trained model
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"placeholder for {path.name}\n")
+    _dvc(project, "commit", "-f", "-q")
+    assert json.loads(_dvc(project, "status", "--json")) == {}, "every stage up to date after the commit"
+
+
+def _will_rerun(project) -> set[str]:
+    """The stages `dvc repro` would run: the changed ones and everything downstream of them."""
+    changed = set(json.loads(_dvc(project, "status", "--json")))
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', _dvc(project, "dag", "--dot"))
+    todo, rerun = list(changed), set(changed)
+    while todo:
+        stage = todo.pop()
+        for upstream, downstream in edges:
+            if upstream == stage and downstream not in rerun:
+                rerun.add(downstream)
+                todo.append(downstream)
+    return rerun
+
+
+def _set(project, dotted: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    node = params
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+CHANGES = {
+    "train.idft.beta": (0.5, {"train@idft-original", "train@idft-hinted", "eval@idft-original", "eval@idft-hinted", "report"}),
+    "realign.mixing.hinted.beta": (0.9, {"realign@hinted", "score@hinted", "train@idft-hinted", "eval@idft-hinted", "report"}),
+    "train.common.learning_rate": (3.0e-4, {f"{s}@{r}" for s in ("train", "eval")
+                                            for r in ("sft-original", "dft-original", "idft-original", "idft-hinted")} | {"report"}),
+    "eval.limit": (8, {"eval-base", "eval@sft-original", "eval@dft-original", "eval@idft-original", "eval@idft-hinted", "report"}),
+    "score.thresholds": ([-2.0], {"score@original", "score@self_distill", "score@hinted", "report"}),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHANGES))
+def test_a_change_reruns_exactly_the_stages_that_read_it(project, key):
+    _record_every_output(project)
+    value, expected = CHANGES[key]
+    _set(project, key, value)
+    assert _will_rerun(project) == expected
