@@ -44,10 +44,9 @@ def main() -> None:
 
     import torch
 
+    from onpolicy_core.config import default_params
     from onpolicy_core.generation import HFGenerator, SamplingSpec, VLLMGenerator
     from onpolicy_core.models import load_materialised
-
-    from onpolicy_core.config import default_params
 
     vllm_1024 = __import__("dataclasses").replace(default_params().eval.vllm, max_model_len=1024)
     folder = model_dir()

@@ -67,9 +67,8 @@ def worker(method: str, n: int, new_tokens: int, batch: int, folder: str) -> dic
     plain_model = copy.deepcopy(model) if method == "official" else model
     start = time.perf_counter()
     if method == "vllm":
-        from onpolicy_core.hinted_vllm import make_engine, vllm_hinted_generate
-
         from onpolicy_core.config import default_params
+        from onpolicy_core.hinted_vllm import make_engine, vllm_hinted_generate
 
         engine = make_engine(folder, default_params().realign.vllm, dtype="float32", seed=0)
         vllm_hinted_generate(engine, [hinted[0][:16]], [plain[0][:16]], *hinted_options(greedy=True, max_new_tokens=2), [])

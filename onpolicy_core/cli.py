@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,12 +25,29 @@ SetOpt = Annotated[
 ]
 
 
+def _fail(message: str) -> typer.Exit:
+    """One line on stderr and exit code 2: what a user error ends in."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _deterministic() -> None:
+    """Same inputs, same bytes where the libraries allow it: deterministic kernels (warn, never fail,
+    where an op has none) and cuBLAS's fixed workspace on GPUs. CPU results also depend on the thread
+    count (OMP_NUM_THREADS) and the instruction set: docs/reliability.md gives the measured sizes."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def _load(params: Path, overrides: list[str] | None) -> Params:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    _deterministic()
     try:
         return load_params(params, overrides)
     except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise _fail(str(exc)) from exc
 
 
 @contextlib.contextmanager
@@ -45,8 +63,14 @@ def _user_errors():
     try:
         yield
     except (ConfigError, InputError, SourceError, ModelSourceError, TrackingUnavailable, BackendUnavailable) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise _fail(str(exc)) from exc
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, MlflowException):  # the tracking server failed mid-stage
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _fail(f"MLflow: {first[:300]} (MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI', 'unset')})") from exc
+        raise
 
 
 @app.command()
@@ -108,8 +132,13 @@ def realign(
     metrics.json. Settings under `realign:` in params.yaml; `realign.backend: vllm` decodes on vLLM
     (pairs that lose lockstep are recomputed on HF and counted under decoded_by).
     """
+    from typing import get_args
+
+    from onpolicy_core.config import RealignVariant
     from onpolicy_core.stages.realign import run_realign
 
+    if variant not in get_args(RealignVariant):
+        raise _fail(f"--variant must be one of {list(get_args(RealignVariant))}, got {variant!r}")
     p = _load(params, set_)
     with _user_errors():
         run_realign(p.realign, p.paths, p.tracking, variant, input, output)

@@ -151,6 +151,8 @@ class ScoreConfig:
             raise ConfigError("score batch sizes and chunk_size must be positive")
         if self.select_top_k is not None and self.select_top_k < 1:
             raise ConfigError("score.select_top_k must be >= 1 when set")
+        if self.histogram_bins < 1:
+            raise ConfigError("score.histogram_bins must be >= 1")
 
 
 @dataclass
@@ -164,6 +166,10 @@ class AnalysisConfig:
     """Text that ends the analysis and starts the chain-of-thought."""
     max_new_tokens: int
     """Longest analysis; one that never reaches the marker gets the marker appended (counted)."""
+
+    def __post_init__(self) -> None:
+        if not self.marker or self.max_new_tokens < 1:
+            raise ConfigError("realign.analysis needs a non-empty marker and max_new_tokens >= 1")
 
 
 RealignVariant = Literal["self_distill", "hinted"]
@@ -246,6 +252,10 @@ class PreferenceConfig:
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2:
             raise ConfigError("train.preference.samples_per_prompt must be >= 2")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ConfigError("train.preference needs temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1")
+        if self.dpo_beta <= 0 or self.simpo_beta <= 0 or self.simpo_gamma < 0 or self.cpo_alpha < 0:
+            raise ConfigError("train.preference needs dpo_beta, simpo_beta > 0 and simpo_gamma, cpo_alpha >= 0")
 
 
 @dataclass
@@ -264,6 +274,10 @@ class LoraSettings:
     """Modules that get adapters (peft syntax)."""
     merge: bool
     """Merge the adapters into the base weights when saving (a plain HF model folder)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("train.common.lora needs r, alpha >= 1 and 0 <= dropout < 1")
 
 
 Method = Literal[TokenMethod, PreferenceMethod]
@@ -355,6 +369,14 @@ class TrainCommon:
     def __post_init__(self) -> None:
         if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("train.common.learning_rate, batch_size and gradient_accumulation_steps must be positive")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ConfigError("train.common.epochs must be > 0 (or set max_steps)")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError("train.common.max_steps must be -1 (use epochs) or >= 1")
+        if not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0 or self.max_grad_norm <= 0 or self.max_length < 1:
+            raise ConfigError("train.common needs 0 <= warmup_ratio < 1, weight_decay >= 0, max_grad_norm > 0, max_length >= 1")
+        if self.save_steps < 1 or self.save_total_limit < 1 or self.logging_steps < 1:
+            raise ConfigError("train.common.save_steps, save_total_limit and logging_steps must be >= 1")
 
 
 @dataclass
@@ -494,6 +516,10 @@ class TrackingConfig:
     registry: bool
     """Register each evaluated trained model in the MLflow model registry with its eval metrics."""
 
+    def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0 or not self.experiment:
+            raise ConfigError("tracking needs connect_timeout_s > 0 and a non-empty experiment")
+
 
 @dataclass
 class Params:
@@ -604,17 +630,23 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from exc
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Load `params.yaml` into `Params`, applying `section.key=value` overrides (YAML values)."""
     path = Path(path)
-    if path.exists():
-        with path.open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    else:
+    if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:

@@ -21,12 +21,23 @@ class InputError(ValueError):
     """Unreadable input, named by file and line."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+"""mkstemp/mkdtemp create 0600/0700 entries; outputs get the modes a plain open()/mkdir() would."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,6 +54,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~UMASK)
     try:
         yield tmp
         if path.exists():
@@ -86,8 +98,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | InputError]]:
     """Yield (line number, object) per non-empty line; a broken line yields an `InputError` instead
-    of raising, so callers can count it as a skip and go on."""
+    of raising, so callers can count it as a skip and go on. A missing file or a folder is an error."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {'is a folder, not a JSONL file' if path.is_dir() else 'file not found'}")
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -106,6 +120,22 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | InputError]]:
                 yield lineno, InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 continue
             yield lineno, obj
+
+
+def read_problems(path: str | Path) -> list:
+    """The records of a JSONL file in the record format; a broken line or a record without the five
+    string fields is an error naming file and line."""
+    from onpolicy_core.records import Problem
+
+    problems = []
+    for lineno, obj in iter_jsonl(path):
+        if isinstance(obj, InputError):
+            raise obj
+        try:
+            problems.append(Problem.from_dict(obj))
+        except ValueError as exc:
+            raise InputError(f"{path}:{lineno}: {exc}") from exc
+    return problems
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -155,3 +185,5 @@ class ShardedResults:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.dir.parent.rmdir()  # the shared .<folder>.partial, once its last stage is done

@@ -4,6 +4,7 @@ loads the same way."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -63,6 +64,31 @@ def resolve_source(cfg: ModelConfig) -> ResolvedSource:
     return ResolvedSource("hub", cfg.source)
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """Can the hub be reached at all? False at once when HF_HUB_OFFLINE is set or the name does not
+    resolve, so an offline machine fails in seconds instead of a minute of download retries."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -91,6 +117,9 @@ def load_source(cfg: ModelConfig):
     kwargs = dict(trust_remote_code=cfg.trust_remote_code)
     if src.kind == "hub" and cfg.revision:
         kwargs["revision"] = cfg.revision
+    if src.kind == "hub" and not _in_hub_cache(src.location, cfg.revision) and not _hub_reachable():
+        raise ModelSourceError(f"{src.location}: not in the local Hugging Face cache and the hub is unreachable "
+                               "(offline, or HF_HUB_OFFLINE is set)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **kwargs)
@@ -106,10 +135,24 @@ def save_folder(model, tokenizer, out: Path, provenance: dict) -> None:
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """One digest of a model folder's weights and config (what decides its outputs)."""
+    from onpolicy_core.io import file_sha256
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            digest.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
 def model_identity(folder: str | Path) -> str:
-    """What a materialised folder holds (its provenance file), for resume fingerprints."""
+    """What a model folder holds, for resume fingerprints: its provenance file (the model stage and
+    the train stage write one, with a content hash), else a hash of its weights, never its path."""
     provenance = Path(folder) / PROVENANCE_FILE
-    return provenance.read_text() if provenance.exists() else str(folder)
+    return provenance.read_text() if provenance.exists() else f"weights:{weights_sha256(folder)}"
 
 
 def load_materialised(folder: str | Path, dtype: str = "float32", device: str = "cpu"):

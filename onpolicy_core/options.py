@@ -134,6 +134,8 @@ class VLLMOptions:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1 or self.cpu_kv_cache_gib < 1:
             raise ValueError("vllm needs tensor_parallel_size >= 1, 0 < gpu_memory_utilization <= 1, cpu_kv_cache_gib >= 1")
+        if self.max_model_len < 1:
+            raise ValueError("vllm needs max_model_len >= 1")
 
 
 # --- Preference pairs (training/preference.py) ---------------------------------------------------------

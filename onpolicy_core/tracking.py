@@ -79,16 +79,28 @@ class TrackingUnavailable(RuntimeError):
     """The configured MLflow tracking server does not answer."""
 
 
+HTTP_RETRIES, HTTP_TIMEOUT_S = "2", "30"
+"""MLflow client retries and per-request timeout (its defaults retry for minutes on a failing server)."""
+
+
 def _server_answers(uri: str, timeout: float) -> str | None:
-    """None when the server's /health answers, else why not."""
+    """None when the server answers a real API call (not only /health: a server whose database is
+    down answers /health and fails every API call with 503), else why not."""
     import urllib.error
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as exc:
-        return str(getattr(exc, "reason", exc))
+    base = uri.rstrip("/")
+    for path in ("/health", "/api/2.0/mlflow/experiments/get?experiment_id=0"):
+        try:
+            with urllib.request.urlopen(f"{base}{path}", timeout=timeout) as response:
+                if response.status != 200:
+                    return f"HTTP {response.status} from {path}"
+        except urllib.error.HTTPError as exc:
+            if path == "/health" or exc.code >= 500:  # a 404 from the API is an answer
+                return f"HTTP {exc.code} from {path}"
+        except (urllib.error.URLError, OSError) as exc:
+            return str(getattr(exc, "reason", exc))
+    return None
 
 
 def tracking_uri(tracking: TrackingConfig) -> tuple[str, bool]:
@@ -96,6 +108,8 @@ def tracking_uri(tracking: TrackingConfig) -> tuple[str, bool]:
     outage is one clear error within `connect_timeout_s`, not minutes of client retries."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_uri
     if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
         problem = _server_answers(uri, tracking.connect_timeout_s)
         if problem:
             if tracking.fallback_to_local:
@@ -107,13 +121,56 @@ def tracking_uri(tracking: TrackingConfig) -> tuple[str, bool]:
     return uri, False
 
 
+def prepare_sqlite_store(uri: str) -> None:
+    """Create or upgrade a SQLite tracking store once, under a file lock: stages that start together
+    on a new store would otherwise race through its schema migrations and fail."""
+    import mlflow
+    from filelock import FileLock
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=300):
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def _connect(tracking: TrackingConfig) -> tuple[Any, bool]:
     """(the mlflow module pointed at the tracking store, whether that store is the local fallback)."""
     import mlflow
 
     uri, fell_back = tracking_uri(tracking)
+    if uri.startswith("sqlite:///"):
+        prepare_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     return mlflow, fell_back
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphaned_runs(client: Any, experiment_id: str, run_name: str) -> list[str]:
+    """Runs of `run_name` left RUNNING by a process of this host that is gone (kill -9, power loss):
+    marked KILLED, so the UI never shows a dead stage as running. Returns their ids."""
+    import socket
+
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`mlflow.runName` = '{run_name}' and tags.`onpolicy.host` = '{host}'"
+    closed = []
+    for run in client.search_runs([experiment_id], query, max_results=100):
+        pid = run.data.tags.get("onpolicy.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_tag(run.info.run_id, "onpolicy.closed_by", f"next start of {run_name} (process {pid} was gone)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d MLflow run(s) of %s left RUNNING by a killed process: %s", len(closed), run_name, closed)
+    return closed
 
 
 def dvc_lock_hashes(paths: list[str | Path], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
@@ -170,7 +227,9 @@ def log_artifacts_to(run_id: str, paths: list[Path], tracking: TrackingConfig, a
 
 
 def _common_tags(fell_back: bool) -> dict[str, str]:
-    tags = {}
+    import socket
+
+    tags = {"onpolicy.host": socket.gethostname(), "onpolicy.pid": str(os.getpid())}
     if commit := git_commit():
         tags["git.commit"] = commit
     if dvc_stage := os.environ.get(DVC_STAGE_ENV):
@@ -214,7 +273,9 @@ def pipeline_run(tracking: TrackingConfig, name: str = "pipeline", tags: dict[st
     mlflow, fell_back = _connect(tracking)
     mlflow.set_experiment(tracking.experiment)
     client = mlflow.MlflowClient()
-    run = client.create_run(mlflow.get_experiment_by_name(tracking.experiment).experiment_id, run_name=name,
+    experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
+    close_orphaned_runs(client, experiment_id, name)
+    run = client.create_run(experiment_id, run_name=name,
                             tags={"onpolicy.stage": "pipeline", "mlflow.runName": name, **_common_tags(fell_back), **(tags or {})})
     run_id = run.info.run_id
     if Path("params.yaml").exists():
@@ -247,7 +308,8 @@ def stage_run(stage: str, config: dict, tracking: TrackingConfig, run_name: str 
         yield StageRun(None)
         return
     mlflow, fell_back = _connect(tracking)
-    mlflow.set_experiment(tracking.experiment)
+    experiment = mlflow.set_experiment(tracking.experiment)
+    close_orphaned_runs(mlflow.MlflowClient(), experiment.experiment_id, run_name or stage)
     parent = _existing(mlflow, parent_run_id) or _existing(mlflow, os.environ.get(PARENT_ENV))
     tags = {"onpolicy.stage": stage, **_common_tags(fell_back),
             **{f"dvc.input.{p}"[:250]: h for p, h in dvc_lock_hashes(list(inputs)).items()}}

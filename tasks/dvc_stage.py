@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -40,14 +43,52 @@ def stage_mlflow_run(stage: str, parent_run_id: str | None) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+GRACE_S = 10
+"""After a timeout or cancel: seconds between SIGTERM and SIGKILL of the stage's process group."""
+
+
+def end_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole process group (dvc and every command it started), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
 def _run(cmd: list[str], project: Path, stage: str | None, what: str) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group. A Prefect timeout or cancel raises in this thread while it
+    waits (the wait polls, so the exception is delivered at once); the whole group then ends, so no
+    stage command outlives its task. Output goes to files, not pipes, so a long wait cannot fill them."""
     logger = get_run_logger()
-    proc = subprocess.run(cmd, cwd=project, env=_env(stage), capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=project, env=_env(stage), stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        except BaseException:
+            logger.warning("%s interrupted: ending its process group %d", what, proc.pid)
+            end_process_group(proc)
+            raise
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in (stdout + stderr).splitlines()[-40:]:
         logger.info(line)
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed with exit code {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return proc
+        raise RuntimeError(f"{what} failed with exit code {proc.returncode}:\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _stale(project: Path, stage: str) -> bool:

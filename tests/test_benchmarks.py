@@ -1,9 +1,9 @@
 """The benchmark registry on the real files: every benchmark loads, its gold answers grade a
 correct boxed answer as correct and another problem's answer as wrong, and bad set-ups fail clearly."""
 
-import pytest
-
 from pathlib import Path
+
+import pytest
 
 from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
 from onpolicy_core.data.registry import BENCHMARKS, FILE

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import write_json, write_jsonl
+from onpolicy_core.io import write_jsonl
 from onpolicy_core.stages import eval as eval_stage
+from onpolicy_core.stages.skeleton import partial_dir, write_run_record
 from tests.conftest import default_config
 
 RUN = "idft-original"
@@ -28,7 +29,7 @@ def _project(tmp_path, model_dir, training_run_id=None):
     run_dir = tmp_path / "train" / RUN
     run_dir.mkdir(parents=True)
     (run_dir / "model").symlink_to(model_dir)  # stands in for a trained model: same files
-    write_json(run_dir / "summary.json", {"run": RUN, "mlflow_run_id": training_run_id})
+    write_run_record(run_dir, {"mlflow_run_id": training_run_id})  # what the train stage records
     return paths
 
 
@@ -62,7 +63,7 @@ def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_pa
     assert "arithmetic/greedy_accuracy" in children[0].data.metrics
     on_training_run = client.get_run(train_run.info.run_id).data.metrics
     assert on_training_run["eval/arithmetic_ood/avg_at_k"] == pytest.approx(metrics["arithmetic_ood"]["avg_at_k"])
-    assert not (tmp_path / "eval" / f".{RUN}.partial").exists()
+    assert not partial_dir(out).exists() and not any(p.name.endswith(".partial") for p in (tmp_path / "eval").iterdir())
     versions = client.search_model_versions(f"name = 'test-eval-{RUN}'")
     assert [v.run_id for v in versions] == [train_run.info.run_id]
     assert float(versions[0].tags["eval.arithmetic.greedy_accuracy"]) == pytest.approx(metrics["arithmetic"]["greedy_accuracy"], abs=1e-6)
@@ -89,6 +90,20 @@ def test_killed_eval_resumes_from_finished_benchmarks(tmp_path, embedded_model_d
     metrics = eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
     assert calls == ["arithmetic_ood"], "the finished benchmark is read back, not recomputed"
     assert set(metrics) == {"arithmetic", "arithmetic_ood"}
+    resumed = json.loads((tmp_path / "eval" / "base" / "summary.json").read_text())
+    monkeypatch.setattr(eval_stage, "evaluate_benchmark", real)
+    eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
+    straight = json.loads((tmp_path / "eval" / "base" / "summary.json").read_text())
+    assert resumed["generated_tokens"] == straight["generated_tokens"], "tokens of the resumed benchmarks counted too"
+
+
+def test_eval_of_a_missing_model_fails_before_leaving_anything(tmp_path, embedded_model_dir):
+    from onpolicy_core.io import InputError
+
+    paths = _project(tmp_path, embedded_model_dir)
+    with pytest.raises(InputError, match=r"no model for 'dft-original'; run `dvc repro train@dft-original`"):
+        eval_stage.run_eval(_cfg(), paths, OFF, MODEL, DATA, "dft-original")
+    assert not (tmp_path / "eval").exists() and not partial_dir(tmp_path / "eval" / "dft-original").exists()
 
 
 def test_vllm_backend_matches_hf_greedy_accuracy(tmp_path, embedded_model_dir):

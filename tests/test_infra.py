@@ -109,3 +109,21 @@ def test_unknown_preset_key_is_an_error(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="lerning_rate"):
         apply_preset("bad", tmp_path / "params.yaml", tmp_path / "presets")
+
+
+def test_docker_build_context_leaves_out_secrets_stores_and_outputs():
+    """infra/compose/Dockerfile copies the checkout: the real .env, the local MLflow store, the
+    environment and the pipeline outputs must not end up in the image."""
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert {".env", "**/.env", ".venv", "artifacts", "mlflow.db", "mlruns", ".git", ".dvc/cache"} <= patterns
+
+
+def test_the_mlflow_container_installs_nothing_when_it_starts():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mlflow = compose["services"]["mlflow"]
+    assert "pip install" not in mlflow["command"]
+    dockerfile = (ROOT / "infra" / "compose" / mlflow["build"]["dockerfile"]).read_text()
+    for line in dockerfile.splitlines():
+        if "pip install" in line:
+            packages = [w for w in line.split("pip install", 1)[1].split() if not w.startswith("-")]
+            assert packages and all("==" in p for p in packages), f"unpinned: {line}"

@@ -140,3 +140,41 @@ def test_sweep_flow_runs_one_dvc_experiment_per_grid_point(project, prefect_back
     assert evals == [4, 6]
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=project, capture_output=True, text=True, env=bin_env())
     assert "n_eval-4" in shown.stdout and "n_eval-6" in shown.stdout
+
+
+SLOW_STAGE = {
+    # A stage whose command starts a child of its own (as `onpolicy` stages start vLLM workers).
+    "cmd": "sleep 41.25 & sleep 42.75; touch late.txt",
+    "outs": ["late.txt"],
+}
+
+
+def _stage_processes() -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if "sleep 41.25" in line or "sleep 42.75" in line]
+
+
+def test_prefect_timeout_ends_every_process_of_the_stage(project, prefect_backend):
+    import time
+
+    from prefect import flow
+
+    from tasks.dvc_stage import run_dvc_stage
+
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["slow"] = SLOW_STAGE
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+
+    @flow
+    def one_slow_stage():
+        return run_dvc_stage.with_options(timeout_seconds=4, retries=0)("slow", str(project))
+
+    start = time.monotonic()
+    state = one_slow_stage(return_state=True)
+    assert state.is_failed() and time.monotonic() - start < 40
+    deadline = time.monotonic() + 20
+    while _stage_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _stage_processes(), "a process of the timed-out stage is still running"
+    time.sleep(2)
+    assert not (project / "late.txt").exists(), "the stage wrote its output after its task had timed out"

@@ -9,6 +9,7 @@ from onpolicy_core import ddt
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.io import InputError, write_jsonl
 from onpolicy_core.stages import score as score_stage
+from onpolicy_core.stages.skeleton import partial_dir
 from tests.conftest import default_config
 
 
@@ -61,7 +62,7 @@ def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_mod
     with pytest.raises(KeyboardInterrupt):
         score_stage.run_score(cfg, paths, tracking, corpus, out)
     assert not (out / "scores.parquet").exists(), "no half-written output"
-    assert len(list((tmp_path / ".resumed.partial").glob("shard-*.jsonl"))) == 2
+    assert len(list(partial_dir(tmp_path / "resumed").glob("shard-*.jsonl"))) == 2
     calls["n"] = -100  # no more kills; count the batches the resumed run needs
     score_stage.run_score(cfg, paths, tracking, corpus, out)
     assert calls["n"] == -100 + 1, "only the last shard (2 examples, one batch) is recomputed"
@@ -70,7 +71,7 @@ def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_mod
     score_stage.run_score(cfg, paths, tracking, corpus, fresh)
     a, b = pd.read_parquet(out / "scores.parquet"), pd.read_parquet(fresh / "scores.parquet")
     pd.testing.assert_frame_equal(a, b)
-    assert not (tmp_path / ".resumed.partial").exists()
+    assert not partial_dir(tmp_path / "resumed").exists()
 
 
 def test_bad_score_input_names_file_and_line(tmp_path, embedded_model_dir):

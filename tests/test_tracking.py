@@ -1,13 +1,12 @@
 """MLflow plumbing without a server: input tags from dvc.lock, nesting under a parent run, and the
 pipeline run's status and artefacts."""
 
+import dataclasses
 import os
 
 import mlflow
 import pytest
 import yaml
-
-import dataclasses
 
 from onpolicy_core.tracking import dvc_lock_hashes, pipeline_run, stage_run
 from tests.conftest import default_config

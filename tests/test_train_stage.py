@@ -127,6 +127,7 @@ def test_killed_training_resumes_at_the_same_step_and_lambda(tiny_project, tmp_p
     after_resume = [x for x in lambdas[lambdas.index("killed") + 1 :]]
     assert after_resume[0] == (2, pytest.approx((2 / 6 - 0.2) / 0.5)), "step counter and lambda schedule continue"
     assert resumed["loss_history"] == pytest.approx(straight["loss_history"], rel=1e-4)  # history restored + continued
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-4), "the whole run's loss, not the resumed part's"
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "train" / "idft-original" / "model")
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "train" / "idft-original" / "model")
     for x, y in zip(a.parameters(), b.parameters()):
@@ -141,3 +142,34 @@ def test_preference_pairs_follow_the_dft_recipe():
     assert counts == {"pair_correct_sample": 1, "skipped_all_correct": 1, "pair_reference_chosen": 1, "skipped_no_correct": 1}
     pairs, counts = build_pairs(samples, correct, ["ra", "rb", "rc", "rd"], "skip")
     assert len(pairs) == 1 and counts["skipped_no_correct"] == 2
+
+
+def test_checkpoints_made_under_other_settings_are_not_resumed(tiny_project, tmp_path, monkeypatch, caplog):
+    paths = _paths(tiny_project, tmp_path)
+    real_step = TokenWeightedSFTTrainer.training_step
+
+    def dies_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run_train(_cfg(max_steps=6, save_steps=2), paths, OFF, "sft-original")
+    monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", real_step)
+    with caplog.at_level("INFO", logger="onpolicy_core.stages.train"):
+        other = train_stage.run_train(_cfg(max_steps=6, save_steps=2, learning_rate=1e-2, seed=7), paths, OFF, "sft-original")
+    assert other["resumed_from"] is None and other["steps"] == 6
+    assert "made under other config; starting fresh" in caplog.text
+
+
+def test_a_trained_model_is_identified_by_its_content(tiny_project, tmp_path):
+    from onpolicy_core.models import model_identity, weights_sha256
+
+    paths = _paths(tiny_project, tmp_path)
+    train_stage.run_train(_cfg(max_steps=1), paths, OFF, "sft-original")
+    folder = tmp_path / "train" / "sft-original" / "model"
+    first = model_identity(folder)
+    assert json.loads(first)["weights_sha256"] == weights_sha256(folder)
+    train_stage.run_train(_cfg(max_steps=1, seed=3, learning_rate=1e-2), paths, OFF, "sft-original")
+    assert model_identity(folder) != first, "a retrained model at the same path is another model to eval's resume"

@@ -21,7 +21,7 @@ from onpolicy_core.data.registry import (
     VALIDATION,
 )
 from onpolicy_core.data.sources import LoadResult, SourceError, load_source
-from onpolicy_core.io import read_jsonl
+from onpolicy_core.io import read_problems
 from onpolicy_core.records import Problem
 
 
@@ -71,7 +71,7 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         split = where.held_out if bench.kind == HELD_OUT else where.held_out.with_name("val.jsonl")
         if not split.exists():
             raise SourceError(f"{split}: the data stage's {bench.kind} split is missing (run `onpolicy data`)")
-        problems = [Problem.from_dict(r) for r in read_jsonl(split)]
+        problems = read_problems(split)
         if not problems:
             raise SourceError(f"{split}: the {bench.kind} split is empty (data.n_eval / data.n_val = 0?)")
         return _subsample(problems, where.limit, where.seed), None

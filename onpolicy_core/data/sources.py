@@ -50,6 +50,8 @@ def gsm8k_solution(text: str) -> tuple[str, str]:
 def _rows_from_file(path: Path, result: LoadResult) -> Iterator[tuple[str, dict]]:
     if not path.exists():
         raise SourceError(f"{path}: source file not found")
+    if not path.is_file():
+        raise SourceError(f"{path}: is a folder, not a .jsonl or .parquet file")
     if path.suffix == ".jsonl":
         for lineno, obj in iter_jsonl(path):
             if isinstance(obj, InputError):
@@ -58,9 +60,14 @@ def _rows_from_file(path: Path, result: LoadResult) -> Iterator[tuple[str, dict]
                 continue
             yield f"{path}:{lineno}", obj
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from exc
+        for i, obj in enumerate(table.to_pylist(), start=1):
             yield f"{path}:row {i}", obj
     else:
         raise SourceError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
@@ -69,7 +76,11 @@ def _rows_from_file(path: Path, result: LoadResult) -> Iterator[tuple[str, dict]
 def _rows_from_hub(dataset_id: str, hf_config: str | None, hf_split: str) -> Iterator[tuple[str, dict]]:
     import datasets  # imported here: slow, and only hub sources need it
 
-    ds = datasets.load_dataset(dataset_id, hf_config, split=hf_split)
+    try:
+        ds = datasets.load_dataset(dataset_id, hf_config, split=hf_split)
+    except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"hf:{dataset_id}: cannot load split {hf_split!r} ({type(exc).__name__}: {first})") from exc
     for i, obj in enumerate(ds):
         yield f"hf:{dataset_id}[{hf_split}] row {i}", obj
 
@@ -97,7 +108,8 @@ def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, 
             raise ValueError("missing_answer", str(exc)) from exc
     elif fmt == "math":
         solution = get(fields.solution, "solution").strip()
-        answer = str(obj.get(fields.answer) or "").strip() if fields.answer else ""
+        value = obj.get(fields.answer) if fields.answer else None
+        answer = "" if value is None else str(value).strip()  # a numeric 0 is an answer
         answer = answer or (last_boxed(solution) or "")
         if "\\boxed" not in solution and answer:
             solution = f"{solution}\nThe final answer is $\\boxed{{{answer}}}$."

@@ -11,7 +11,6 @@ its scores sit together in the UI. Benchmarks are checkpointed one by one: a kil
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,9 +36,16 @@ from onpolicy_core.generation import (
     VLLMGenerator,
 )
 from onpolicy_core.grading import grade, grade_boxed
-from onpolicy_core.io import atomic_path, write_json
+from onpolicy_core.io import InputError, atomic_path, write_json
 from onpolicy_core.prompts import render_prompt
-from onpolicy_core.stages.skeleton import ModelStage, map_shards, model_stage, publish
+from onpolicy_core.stages.skeleton import (
+    ModelStage,
+    map_shards,
+    model_stage,
+    publish,
+    read_run_record,
+    write_run_record,
+)
 from onpolicy_core.tracking import log_metrics_to, register_model
 
 log = logging.getLogger(__name__)
@@ -56,10 +62,7 @@ def model_folder(paths: PathsConfig, name: str) -> Path:
 
 def training_run_id(paths: PathsConfig, name: str) -> str | None:
     """The MLflow run id the train stage recorded for `name` (None for the base model)."""
-    summary = Path(paths.train) / name / "summary.json"
-    if name == BASE or not summary.exists():
-        return None
-    return json.loads(summary.read_text()).get("mlflow_run_id")
+    return None if name == BASE else read_run_record(Path(paths.train) / name).get("mlflow_run_id")
 
 
 def make_generator(cfg: EvalConfig, folder: Path, model_cfg: ModelConfig, stage: ModelStage):
@@ -143,6 +146,9 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
     """Evaluate model `name` ('base' or '<method>-<data>'); write <paths.eval>/<name>/{records.parquet,
     metrics.json, summary.json} and return the metrics per benchmark."""
     folder = model_folder(paths, name)
+    if not (folder / "config.json").is_file():
+        hint = "run `onpolicy model`" if name == BASE else f"run `dvc repro train@{name}` (or `onpolicy train --run {name}`)"
+        raise InputError(f"{folder}: no model for {name!r}; {hint}")
     out = Path(paths.eval) / name
     config = {"eval": to_dict(cfg), "model": name, "model_folder": str(folder)}
     parent = training_run_id(paths, name)
@@ -169,18 +175,19 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         generated = sum(r["n_tokens"] for r in rows)
         metrics = {b: benchmark_metrics([r for r in rows if r["benchmark"] == b], cfg.samples) for b in cfg.benchmarks}
         skipped = {b: dict(report.skipped) for b, (_, report) in loaded.items() if report is not None and report.skipped}
-        summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "seconds": round(seconds, 1),
-                   "generated_tokens": generated, "tokens_per_second": round(generated / seconds, 1) if generated else None,
-                   "mlflow_parent_run_id": parent}
+        summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "generated_tokens": generated}
+        record = {"seconds": round(seconds, 1), "tokens_per_second": round(generated / seconds, 1) if generated else None,
+                  "mlflow_run_id": stage.run.run_id, "mlflow_parent_run_id": parent}
         flat = {f"{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
         if parent:
             log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
             if tracking.registry:
                 tags = {f"eval.{k.replace('/', '.')}": round(v, 6) for k, v in flat.items()}
-                summary["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
+                record["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
         _write_parquet(rows, out / "records.parquet")
         write_json(out / "summary.json", summary)
         publish(stage.run, out / "metrics.json", metrics, [out / "metrics.json", out / "records.parquet"],
-                logged=flat | {"tokens_per_second": summary["tokens_per_second"] or 0.0})
+                logged=flat | {"tokens_per_second": record["tokens_per_second"] or 0.0})
+        write_run_record(out, record)
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
     return metrics

@@ -39,13 +39,18 @@ from onpolicy_core.hinted import MixingOptions, hinted_generate
 from onpolicy_core.io import (
     ShardedResults,
     file_sha256,
-    read_jsonl,
+    read_problems,
     write_json,
     write_jsonl,
 )
 from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
 from onpolicy_core.records import REQUIRED_FIELDS, Problem
-from onpolicy_core.stages.skeleton import map_shards, model_stage, publish
+from onpolicy_core.stages.skeleton import (
+    map_shards,
+    model_stage,
+    publish,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 64
@@ -246,7 +251,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
                 input_path: str | Path | None = None, output_dir: str | Path | None = None) -> dict:
     input_path = Path(input_path or Path(paths.data) / "train.jsonl")
     out = Path(output_dir or Path(paths.realign) / variant)
-    problems = [Problem.from_dict(r) for r in read_jsonl(input_path)]
+    problems = read_problems(input_path)
     mixing = variant_mixing(cfg, variant)
     # Only what this variant reads: the other variant's mixing does not touch its fingerprint.
     config = {"realign": {k: v for k, v in to_dict(cfg).items() if k != "mixing"}, "mixing": to_dict(mixing),
@@ -269,7 +274,6 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
         train = apply_policy(rows, cfg.on_unverified)
         summary = summarise(rows, variant, mixing)
         summary["train_examples"] = len(train)
-        summary["seconds"] = round(seconds, 1)
         write_jsonl(out / "records.jsonl", rows)
         write_jsonl(out / "train.jsonl", train)
         write_json(out / "summary.json", summary)
@@ -283,7 +287,9 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
             **{f"rejected.{k}": v for k, v in summary["rejections"].items()},
             **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
-        publish(stage.run, out / "metrics.json", metrics, [out / "summary.json", out / "records.jsonl"])
+        publish(stage.run, out / "metrics.json", metrics, [out / "summary.json", out / "records.jsonl"],
+                logged=metrics | {"seconds": seconds})
+        write_run_record(out, {"seconds": round(seconds, 1), "mlflow_run_id": stage.run.run_id})
         log.info("realign %s: %d/%d verified, avg-phi original %.3f -> %s %.3f", variant,
                  sum(r["verified"] for r in rows), len(rows), summary["avg_phi"]["original"] or float("nan"),
                  variant, summary["avg_phi"][variant] or float("nan"))

@@ -22,7 +22,12 @@ from onpolicy_core.io import (
     write_jsonl,
 )
 from onpolicy_core.prompts import encode_pair, render_prompt
-from onpolicy_core.stages.skeleton import map_shards, model_stage, publish
+from onpolicy_core.stages.skeleton import (
+    map_shards,
+    model_stage,
+    publish,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +196,7 @@ def run_score(
         summary = summarise(rows, cfg)
         ids, rule = select(rows, cfg)
         summary["selection"] = rule
-        summary["seconds"] = round(seconds, 2)
-        summary["tokens_per_second"] = round(summary["tokens"] / max(seconds, 1e-9), 1)
+        timing = {"seconds": round(seconds, 2), "tokens_per_second": round(summary["tokens"] / max(seconds, 1e-9), 1)}
         out.mkdir(parents=True, exist_ok=True)
         import pandas as pd
 
@@ -202,14 +206,16 @@ def run_score(
         write_jsonl(out / SELECTED_FILE, (r for r in problems if r["id"] in keep))
         write_json(out / SUMMARY_FILE, summary)
         plot(rows, summary, out / PLOT_FILE, f"DDT scores: {name} ({summary['scored_examples']} examples)")
-        publish(stage.run, out / METRICS_FILE, _flat_metrics(summary), [out / SUMMARY_FILE, out / PLOT_FILE])
+        metrics = _flat_metrics(summary)
+        publish(stage.run, out / METRICS_FILE, metrics, [out / SUMMARY_FILE, out / PLOT_FILE], logged=metrics | timing)
+        write_run_record(out, {**timing, "mlflow_run_id": stage.run.run_id})
         log.info("score %s: avg-phi mean %s over %d examples, %.0f tok/s", name,
-                 summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], summary["tokens_per_second"])
+                 summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], timing["tokens_per_second"])
     return summary
 
 
 def _flat_metrics(summary: dict) -> dict[str, float]:
-    flat = {k: summary[k] for k in ("examples", "scored_examples", "empty_responses", "tokens", "tokens_per_second")}
+    flat = {k: summary[k] for k in ("examples", "scored_examples", "empty_responses", "tokens")}
     for group in ("avg_phi", "token_phi"):
         for k, v in summary.get(group, {}).items():
             flat[f"{group}.{k}"] = v

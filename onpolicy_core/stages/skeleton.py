@@ -1,7 +1,7 @@
 """The skeleton the model stages share (score, realign, eval): open the stage's MLflow run, load the
 model, map a function over resumable shards, then write and log the results.
 
-Shards are checkpointed beside the output folder under a fingerprint of everything the results
+Shards are checkpointed outside the output folder (`partial_dir`) under a fingerprint of everything the results
 depend on (config, inputs, model content), so a killed stage resumes, but only into work made under
 the same settings; the shards are cleared once the stage has written its outputs.
 """
@@ -9,6 +9,7 @@ the same settings; the shards are cleared once the stage has written its outputs
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,11 @@ class ModelStage:
 
 
 def partial_dir(out: Path) -> Path:
-    """Where a stage's shards live while it runs: a hidden sibling of its output folder."""
-    return out.with_name(f".{out.name}.partial")
+    """Where a stage's shards live while it runs: beside the folder that holds its output, never
+    inside it (artifacts/eval/base -> artifacts/.eval.partial/base), since other stages read that
+    folder whole (the report reads artifacts/eval and artifacts/score)."""
+    out = Path(out)
+    return out.parent.with_name(f".{out.parent.name}.partial") / out.name
 
 
 @contextlib.contextmanager
@@ -69,6 +73,24 @@ def map_shards(shards: ShardedResults, items: Sequence[T], shard_size: int, fn: 
         shards.write(index, new)
         rows.extend(new)
     return rows
+
+
+def run_record_path(out: Path) -> Path:
+    """Where a stage records what one execution was (artifacts/eval/base -> artifacts/.runs/eval/base.json):
+    wall time, throughput, MLflow run ids, the checkpoint it resumed from. These differ between two
+    runs of the same inputs, so they stay out of DVC's outputs and out of the folders other stages
+    read (the report depends on artifacts/eval and artifacts/score whole)."""
+    out = Path(out)
+    return out.parent.with_name(".runs") / out.parent.name / f"{out.name}.json"
+
+
+def write_run_record(out: Path, record: dict) -> None:
+    write_json(run_record_path(out), record)
+
+
+def read_run_record(out: Path) -> dict:
+    path = run_record_path(out)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def publish(run: StageRun, metrics_file: Path, metrics: dict, artifacts: Sequence[Path] = (),

@@ -9,6 +9,7 @@ from its last checkpoint (optimizer, scheduler, step and so IDFT's lambda schedu
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -29,10 +30,22 @@ from onpolicy_core.config import (
 )
 from onpolicy_core.generation import HFGenerator, SamplingSpec
 from onpolicy_core.grading import grade
-from onpolicy_core.io import atomic_dir, atomic_path, read_jsonl, write_json
-from onpolicy_core.models import load_materialised
+from onpolicy_core.io import (
+    atomic_dir,
+    atomic_path,
+    file_sha256,
+    read_problems,
+    write_json,
+)
+from onpolicy_core.models import (
+    PROVENANCE_FILE,
+    load_materialised,
+    model_identity,
+    weights_sha256,
+)
 from onpolicy_core.prompts import render_prompt
 from onpolicy_core.records import Problem
+from onpolicy_core.stages.skeleton import write_run_record
 from onpolicy_core.tracking import stage_run
 from onpolicy_core.training.preference import build_pairs
 from onpolicy_core.training.sft import TokenWeightedSFTTrainer
@@ -179,10 +192,27 @@ def plot_diagnostics(log_history: list[dict], path: Path, title: str, ranges: di
     return True
 
 
-def _last_checkpoint(folder: Path) -> str | None:
+def _last_checkpoint(folder: Path, fingerprint: dict) -> str | None:
+    """The checkpoint to resume from: only one made under the same settings, data and base model.
+    Checkpoints made under anything else are discarded (one log line says why)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    stamp = folder / "fingerprint.json"
+    if folder.is_dir():
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        expected = json.loads(json.dumps(fingerprint, sort_keys=True))
+        if old != expected:
+            changed = sorted(k for k in expected if not isinstance(old, dict) or old.get(k) != expected[k])
+            log.info("discarding the checkpoints in %s: made under other %s; starting fresh", folder, ", ".join(changed) or "settings")
+            shutil.rmtree(folder)
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        write_json(stamp, fingerprint)
+        return None
+    return get_last_checkpoint(str(folder))
 
 
 def _method_options(method: str, cfg: TrainConfig) -> dict:
@@ -198,21 +228,25 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     out = Path(paths.train) / run
     checkpoints = Path(paths.train) / ".checkpoints" / run
     data_file = training_file(paths, data)
-    problems = [Problem.from_dict(r) for r in read_jsonl(data_file)]
+    problems = read_problems(data_file)
     config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data}
     with stage_run("train", config, tracking, run_name=f"train-{run}", inputs=[paths.model, data_file]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
         model, tokenizer = load_materialised(paths.model)
-        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed, "mlflow_run_id": handle.run_id}
+        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
-        resume = _last_checkpoint(checkpoints)
+        fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.model)}
+        resume = _last_checkpoint(checkpoints, fingerprint)
         if resume:
             log.info("resuming %s from %s", run, resume)
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
-        summary.update(resumed_from=resume, steps=trainer.state.global_step, train_loss=result.training_loss,
-                       seconds=round(time.perf_counter() - start, 1),
-                       loss_history=[e["loss"] for e in trainer.state.log_history if "loss" in e])
+        history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        # HF's training_loss averages only the steps of this process; after a resume, the mean over
+        # the whole logged history (restored from the checkpoint) is the run's loss.
+        train_loss = sum(history) / len(history) if history and resume else result.training_loss
+        summary.update(steps=trainer.state.global_step, train_loss=train_loss, loss_history=history)
+        record = {"resumed_from": resume, "seconds": round(time.perf_counter() - start, 1), "mlflow_run_id": handle.run_id}
         trained = trainer.model
         if cfg.common.lora.enabled and cfg.common.lora.merge:
             trained = trained.merge_and_unload()
@@ -220,9 +254,11 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
             trained.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "onpolicy_train.json", config)
-        write_json(out / "metrics.json", {k: v for k, v in summary.items() if k not in ("loss_history", "mlflow_run_id")})
+            write_json(tmp / PROVENANCE_FILE, {"kind": "trained", "run": run, "weights_sha256": weights_sha256(tmp)})
+        write_json(out / "metrics.json", {k: v for k, v in summary.items() if k != "loss_history"})
         write_json(out / "summary.json", summary)
-        handle.log_metrics({"final_train_loss": result.training_loss, "steps": trainer.state.global_step})
+        write_run_record(out, record)
+        handle.log_metrics({"final_train_loss": train_loss, "steps": trainer.state.global_step})
         handle.log_artifact(out / "summary.json")
         ranges = {"phi": (-3 * cfg.idft.beta, 3 * cfg.idft.beta), "gamma": (cfg.idft.gamma_min, cfg.idft.gamma_max)}
         if plot_diagnostics(trainer.state.log_history, out / "diagnostics.png", f"{run}: loss and IDFT diagnostics", ranges):
@@ -231,4 +267,4 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
             handle.log_artifacts(out / "model", artifact_path="model")
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("train %s: %d steps, loss %.4f -> %s", run, trainer.state.global_step, result.training_loss, out / "model")
-    return summary
+    return summary | record
