@@ -54,6 +54,21 @@ def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) ->
             target[key] = value
 
 
+def _block_lists(node) -> None:
+    """Lists in block style and nulls empty: the form `dvc exp run -S` writes params.yaml back in,
+    so a later `-S` change stays a one-line diff."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(node, CommentedSeq):
+        node.fa.set_block_style()
+    if isinstance(node, (CommentedMap, dict)):
+        for value in node.values():
+            _block_lists(value)
+    elif isinstance(node, list):
+        for value in node:
+            _block_lists(value)
+
+
 def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir: Path = PRESETS_DIR) -> Params:
     """Merge presets/<name>.yaml into `params_path` (comments kept); returns the resulting config."""
     from ruamel.yaml import YAML
@@ -63,9 +78,9 @@ def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir
         raise ConfigError(f"{preset}: no such preset (available: {available(presets_dir)})")
     yaml = YAML()  # round-trip: keeps comments, order, and number spellings such as 2.0e-05
     yaml.preserve_quotes = True
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(params_path.read_text(encoding="utf-8"))
     overlay = yaml.load(preset.read_text(encoding="utf-8")) or {}
+    _block_lists(overlay)
     _merge(doc, overlay, paths={**doc["paths"], **(overlay.get("paths") or {})})
     buffer = io.StringIO()
     yaml.dump(doc, buffer)

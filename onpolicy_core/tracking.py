@@ -144,6 +144,18 @@ def _connect(tracking: TrackingConfig) -> tuple[Any, bool]:
     return mlflow, fell_back
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""MLflow 3 opens an experiment without this tag in its GenAI (traces) view; with it, in the runs table."""
+
+
+def use_experiment(mlflow: Any, name: str) -> str:
+    """Set the active experiment (created if new), marked as model training; returns its id."""
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -271,9 +283,8 @@ def pipeline_run(tracking: TrackingConfig, name: str = "pipeline", tags: dict[st
         yield None
         return
     mlflow, fell_back = _connect(tracking)
-    mlflow.set_experiment(tracking.experiment)
+    experiment_id = use_experiment(mlflow, tracking.experiment)
     client = mlflow.MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
     close_orphaned_runs(client, experiment_id, name)
     run = client.create_run(experiment_id, run_name=name,
                             tags={"onpolicy.stage": "pipeline", "mlflow.runName": name, **_common_tags(fell_back), **(tags or {})})
@@ -308,8 +319,7 @@ def stage_run(stage: str, config: dict, tracking: TrackingConfig, run_name: str 
         yield StageRun(None)
         return
     mlflow, fell_back = _connect(tracking)
-    experiment = mlflow.set_experiment(tracking.experiment)
-    close_orphaned_runs(mlflow.MlflowClient(), experiment.experiment_id, run_name or stage)
+    close_orphaned_runs(mlflow.MlflowClient(), use_experiment(mlflow, tracking.experiment), run_name or stage)
     parent = _existing(mlflow, parent_run_id) or _existing(mlflow, os.environ.get(PARENT_ENV))
     tags = {"onpolicy.stage": stage, **_common_tags(fell_back),
             **{f"dvc.input.{p}"[:250]: h for p, h in dvc_lock_hashes(list(inputs)).items()}}

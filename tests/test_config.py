@@ -177,3 +177,21 @@ def test_params_yaml_survives_a_dvc_style_round_trip(tmp_path):
 
 def test_default_params_is_the_project_file():
     assert config_module.PROJECT_PARAMS == ROOT / "params.yaml" and Path(config_module.PROJECT_PARAMS).exists()
+
+
+@pytest.mark.parametrize("preset", [None, *available(ROOT / "presets")])
+def test_a_dvc_set_param_change_is_a_one_line_diff(tmp_path, preset):
+    """`dvc exp run -S key=value` rewrites params.yaml with DVC's own YAML writer: params.yaml (and
+    what `onpolicy preset` writes) is already in that form, so only the changed line differs."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    if preset:
+        apply_preset(preset, params, ROOT / "presets")
+    before = params.read_text().splitlines()
+    apply_overrides(str(params), ["train.idft.beta=0.5"])
+    after = params.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1, changed[:5]
+    assert "beta: 0.5" in changed[0][1]

@@ -42,6 +42,8 @@ def test_stage_runs_nest_under_the_pipeline_run_with_input_tags(tmp_path, monkey
     assert tags["mlflow.parentRunId"] == parent and tags["dvc.input.artifacts/model"] == "abc.dir"
     assert client.get_run(parent).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent)} == {"params.yaml", "dvc.lock"}
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on the runs table"
 
 
 def test_a_failing_pipeline_run_is_marked_failed(tmp_path, monkeypatch):
