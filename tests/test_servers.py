@@ -10,12 +10,14 @@ import json
 import os
 import signal
 import socket
+import shlex
 import subprocess
 import time
 import urllib.request
 from contextlib import contextmanager
 
 import pytest
+import yaml
 
 from tests.conftest import BIN, ROOT, bin_env
 
@@ -118,6 +120,14 @@ def test_tracking_server_down_fails_fast_or_falls_back(project, tmp_path):
     assert run.data.tags["onpolicy.tracking_fallback"] == "true"
 
 
+def readme_prefect_steps() -> list[str]:
+    """The commands of the README's Prefect block, in order, without comments and the shell set-up."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Prefect: what you see", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    steps = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    return [s for s in steps if s and not s.startswith(("source ", "export "))]
+
+
 def test_prefect_server_deployment_worker_and_flow_run(project, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -128,18 +138,27 @@ def test_prefect_server_deployment_worker_and_flow_run(project, tmp_path):
         def prefect(*args, timeout=300):
             return subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
 
-        assert prefect("work-pool", "create", "onpolicy-local", "--type", "process").returncode == 0
-        deployed = prefect("--no-prompt", "deploy", "-n", "nightly", "-n", "on-demand")
-        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-        deployments = {d["name"]: d for d in _post(f"{api}/deployments/filter", {})}
-        assert set(deployments) == {"nightly", "on-demand"}
-        crons = [s["schedule"]["cron"] for s in deployments["nightly"]["schedules"]]
-        assert crons == ["0 2 * * *"]
-        triggered = prefect("deployment", "run", "onpolicy-pipeline/on-demand", "--params", json.dumps({"stages": ["data"]}))
-        assert triggered.returncode == 0, triggered.stderr[-2000:]
-        worker = subprocess.run(["bash", str(SCRIPTS / "prefect_worker.sh"), "--run-once"], cwd=project, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        # The project copy's on-demand deployment runs the data stage only (the README's runs them all).
+        deploy_config = yaml.safe_load((project / "prefect.yaml").read_text())
+        for deployment in deploy_config["deployments"]:
+            if deployment["name"] == "on-demand":
+                deployment["parameters"]["stages"] = ["data"]
+        (project / "prefect.yaml").write_text(yaml.safe_dump(deploy_config, sort_keys=False))
+        steps = readme_prefect_steps()
+        assert steps[0] == "infra/scripts/prefect_server.sh &" and steps[-2] == "infra/scripts/prefect_worker.sh &"
+        worker_done = None
+        for step in steps[1:]:
+            if step.startswith("prefect "):
+                result = prefect(*shlex.split(step)[1:])
+                assert result.returncode == 0, (step, result.stdout[-3000:] + result.stderr[-3000:])
+            if step.startswith("prefect --no-prompt deploy"):
+                deployments = {d["name"]: d for d in _post(f"{api}/deployments/filter", {})}
+                assert set(deployments) == {"nightly", "on-demand", "beta-sweep"}
+                assert [s["schedule"]["cron"] for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
+            if step.startswith("prefect deployment run"):  # the README's background worker, here polling once
+                worker_done = subprocess.run(["bash", str(SCRIPTS / "prefect_worker.sh"), "--run-once"], cwd=project, env=env,
+                                             capture_output=True, text=True, timeout=600)
+        assert worker_done is not None and worker_done.returncode == 0, worker_done.stdout[-3000:] + worker_done.stderr[-3000:]
         runs = _post(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [deployments["on-demand"]["id"]]}}})
         assert [r["state_type"] for r in runs] == ["COMPLETED"], [r["state"] for r in runs]
         assert (project / "artifacts" / "data" / "train.jsonl").exists()
