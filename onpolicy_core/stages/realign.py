@@ -182,10 +182,7 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
             })
         return shard_rows
 
-    if shards is None:
-        rows = [row for i in range(0, len(problems), SHARD_SIZE) for row in realign_shard(problems[i : i + SHARD_SIZE])]
-    else:
-        rows = map_shards(shards, problems, SHARD_SIZE, realign_shard, on_resumed=bar.update)
+    rows = map_shards(shards, problems, SHARD_SIZE, realign_shard, on_resumed=bar.update)
     bar.close()
     return rows
 

@@ -83,10 +83,7 @@ def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, resp
             for p, s, (_, response) in zip(chunk, scores, pairs)
         ]
 
-    if shards is None:
-        rows = [row for i in range(0, len(problems), SHARD_SIZE) for row in score_shard(problems[i : i + SHARD_SIZE])]
-    else:
-        rows = map_shards(shards, problems, SHARD_SIZE, score_shard, on_resumed=bar.update)
+    rows = map_shards(shards, problems, SHARD_SIZE, score_shard, on_resumed=bar.update)
     bar.close()
     return rows
 

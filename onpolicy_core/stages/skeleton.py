@@ -57,13 +57,16 @@ def model_stage(stage: str, config: dict, tracking: TrackingConfig, *, out: Path
         shards.clear()
 
 
-def map_shards(shards: ShardedResults, items: Sequence[T], shard_size: int, fn: Callable[[Sequence[T]], list[dict]],
+def map_shards(shards: ShardedResults | None, items: Sequence[T], shard_size: int, fn: Callable[[Sequence[T]], list[dict]],
                on_resumed: Callable[[int], None] | None = None) -> list[dict]:
     """fn over `items` in shards of `shard_size`, in order; shards already done are read back (and
-    `on_resumed` told how many items they held) instead of computed again."""
+    `on_resumed` told how many items they held) instead of computed again. No `shards`: no checkpoints."""
     rows: list[dict] = []
     for index, start in enumerate(range(0, len(items), shard_size)):
         chunk = items[start : start + shard_size]
+        if shards is None:
+            rows.extend(fn(chunk))
+            continue
         if shards.done(index):
             rows.extend(shards.read(index))
             if on_resumed is not None:
