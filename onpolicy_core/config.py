@@ -419,7 +419,10 @@ class EvalConfig:
     allow_hub: bool
     """Read a benchmark from the Hugging Face hub when its file is absent (needs internet)."""
     limit: int | None
-    """Problems per benchmark (a seeded sample); None evaluates every problem."""
+    """Problems per benchmark; None evaluates every problem."""
+    limit_order: Literal["random", "first"]
+    """Which `limit` problems: 'random' (a seeded sample, kept in file order) or 'first' (the first in
+    file order). The report says which."""
     backend: Backend
     """Generation backend: 'hf' (transformers, batched, KV cache) or 'vllm'."""
     greedy: bool

@@ -14,9 +14,9 @@ EXPECTED_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "min
 TRAIN = Generator(max_steps=4, max_operand=20)
 
 
-def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0):
-    return BenchmarkSource(data_root=str(data_root), allow_hub=False, limit=limit, seed=seed, held_out=Path(held_out),
-                           ood_extra_steps=2, ood_operand_scale=2)
+def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0, order="random"):
+    return BenchmarkSource(data_root=str(data_root), allow_hub=False, limit=limit, limit_order=order, seed=seed,
+                           held_out=Path(held_out), ood_extra_steps=2, ood_operand_scale=2)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, b in BENCHMARKS.items() if b.kind == FILE))
@@ -40,6 +40,8 @@ def test_limit_takes_a_seeded_sample_in_file_order(shared_data, tmp_path):
     order = {p.id: i for i, p in enumerate(full)}
     assert [p.id for p in a] == [p.id for p in b] != [p.id for p in c]
     assert [order[p.id] for p in a] == sorted(order[p.id] for p in a)
+    first, _ = load_benchmark("math500", _cfg(shared_data, limit=20, seed=1, order="first"), TRAIN)
+    assert [p.id for p in first] == [p.id for p in full[:20]], "limit_order first: the first 20 in file order"
 
 
 def test_arithmetic_ood_is_harder_than_training_and_self_consistent(tmp_path):

@@ -19,7 +19,7 @@ from tests.conftest import default_config
 
 BASE = default_config()
 OFF = dataclasses.replace(BASE.tracking, enabled=False)
-REPORT, EVAL = BASE.report, dataclasses.replace(BASE.eval, samples=0)
+REPORT, EVAL = BASE.report, dataclasses.replace(BASE.eval, samples=0, limit=16)
 
 N = 120
 
@@ -112,6 +112,7 @@ def test_small_samples_are_called_smoke_scale(paths, tmp_path):
         N = saved
     md = Path(small.report, "report.md").read_text()
     assert "**Smoke scale.** 16 problems per benchmark" in md
+    assert "Problems: at most 16 per benchmark, a random sample (seed 0) kept in file order" in md
     assert "No method differs significantly from sft-original on arithmetic at n = 16." in md
 
 

@@ -42,7 +42,9 @@ class BenchmarkSource:
     allow_hub: bool
     """Read a benchmark from the hub when its file is absent."""
     limit: int | None
-    """Problems per benchmark (a seeded sample); None: all."""
+    """Problems per benchmark; None: all."""
+    limit_order: str
+    """'random' (a seeded sample, kept in file order) or 'first' (the first `limit` in file order)."""
     seed: int
     """Seed of the subsample and of the OOD generator."""
     held_out: Path
@@ -53,10 +55,12 @@ class BenchmarkSource:
     """arithmetic_ood: numbers up to this many times the training generator's."""
 
 
-def _subsample(problems: list[Problem], limit: int | None, seed: int) -> list[Problem]:
-    """A seeded sample of `limit` problems, kept in file order (the whole set when limit is None)."""
+def _subsample(problems: list[Problem], limit: int | None, seed: int, order: str = "random") -> list[Problem]:
+    """`limit` problems in file order: the first ones, or a seeded sample (the whole set when limit is None)."""
     if limit is None or limit >= len(problems):
         return problems
+    if order == "first":
+        return problems[:limit]
     keep = set(random.Random(seed).sample(range(len(problems)), limit))
     return [p for i, p in enumerate(problems) if i in keep]
 
@@ -74,7 +78,7 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         problems = read_problems(split)
         if not problems:
             raise SourceError(f"{split}: the {bench.kind} split is empty (data.n_eval / data.n_val = 0?)")
-        return _subsample(problems, where.limit, where.seed), None
+        return _subsample(problems, where.limit, where.seed, where.limit_order), None
     if bench.kind == GENERATED_OOD:
         # Harder than training (more steps, larger numbers), with a seed far from the training one:
         # the OOD problems are new, not harder copies.
@@ -91,4 +95,4 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         hint = f" or set eval.allow_hub=true to read {bench.hub}" if bench.hub else ""
         raise SourceError(f"{path}: benchmark file {name!r} not found (set eval.data_root{hint})")
     loaded = load_source(source, bench.format, bench.fields, max_chars=1_000_000, hf_config=hub_config, hf_split=split)
-    return _subsample(loaded.problems, where.limit, where.seed), loaded
+    return _subsample(loaded.problems, where.limit, where.seed, where.limit_order), loaded

@@ -267,8 +267,16 @@ def realign_statistics(paths: PathsConfig) -> dict[str, dict]:
     return out
 
 
+def problems_note(eval_cfg: EvalConfig) -> str:
+    """Which problems each benchmark was evaluated on (eval.limit, eval.limit_order)."""
+    if eval_cfg.limit is None:
+        return "Problems: every problem of each benchmark."
+    how = "the first in file order" if eval_cfg.limit_order == "first" else f"a random sample (seed {eval_cfg.seed}) kept in file order"
+    return f"Problems: at most {eval_cfg.limit} per benchmark, {how} (`eval.limit`, `eval.limit_order`)."
+
+
 def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, realign: dict, metric: str,
-                    sft_reference: str, flags: list[str]) -> str:
+                    sft_reference: str, flags: list[str], problems: str = "") -> str:
     ns = [c["estimate"]["n"] for cells in table.values() for c in cells.values()]
     n_min = min(ns) if ns else 0
     lines = [f"# Comparison: {metric} accuracy (%)", ""]
@@ -278,7 +286,7 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
         lines += [(f"> **Smoke scale.** {n_min} problems per benchmark: one accuracy's 95% interval is up to ±{half:.0f} points "
                    "wide, so these numbers show the pipeline working, not which method wins. The `study` preset is sized to answer that."),
                   ""]
-    lines += [
+    lines += [*([problems, ""] if problems else []),
         ("Each accuracy: value [95% interval] over n problems (Wilson for one greedy run; bootstrap over problems for Avg@k, "
          "pass@k and means over seeds). *Strict* counts only an answer inside `\\boxed{}`; the headline (lenient) value also "
          "accepts the last number of a response, as Qwen-style evaluation does. Δ: difference on the same problems "
@@ -404,7 +412,8 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
     with stage_run("report", config, tracking, inputs=inputs) as run:
-        write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags))
+        write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags,
+                                                             problems_note(eval_cfg)))
         plot_comparison(table, cfg.metric, out / "comparison.png")
         comparison_json = {"metric": cfg.metric, "metric_key": config["metric_key"], "alpha": ALPHA, "table": table,
                            "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags}
