@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from onpolicy_core.config import load_params
+from onpolicy_core.stages.skeleton import read_run_record
 from onpolicy_core.tracking import pipeline_run
 from tasks.dvc_stage import run_dvc_stage
 
@@ -63,10 +64,12 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, timeouts: 
             task = run_dvc_stage.with_options(timeout_seconds=limits.get(stage.split("@")[0], 3600))
             results.append(task(stage, str(project), parent))
     report = project / params.paths.report / "report.md"
-    if report.exists():  # the report of the pipeline's current state, whether or not it reran now
-        create_markdown_artifact(report.read_text(encoding="utf-8"), key="onpolicy-report",
-                                 description=f"Comparison report of {project.name} (MLflow parent run {parent})")
     ran = [r["stage"] for r in results if r["ran"]]
+    if report.exists():  # the report of the pipeline's current state, whether or not it reran now
+        made_by = read_run_record(project / params.paths.report / "report").get("mlflow_run_id")
+        create_markdown_artifact(report.read_text(encoding="utf-8"), key="onpolicy-report",
+                                 description=f"Comparison report of {project.name}, made by MLflow run {made_by} "
+                                             f"({'rerun by' if 'report' in ran else 'up to date before'} this flow's run {parent})")
     print(f"{len(ran)} of {len(results)} stages ran ({', '.join(ran) or 'all up to date'}); MLflow parent run {parent}")
     return results
 

@@ -214,6 +214,17 @@ def _existing(mlflow: Any, run_id: str | None) -> str | None:
         return None
 
 
+def _log_params_file(client: Any, run_id: str, path: Path) -> None:
+    """params.yaml as run params (dotted keys), so the runs table compares pipeline runs by setting."""
+    import yaml
+    from mlflow.entities import Param
+
+    flat = _flatten(yaml.safe_load(path.read_text()) or {})
+    params = [Param(k, str(json.dumps(v) if isinstance(v, (list, dict)) else v)[:500]) for k, v in flat.items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start : start + 100])
+
+
 def log_metrics_to(run_id: str, metrics: dict[str, float], tracking: TrackingConfig) -> None:
     """Log `metrics` on another (finished) run, e.g. eval scores on the model's training run."""
     if not tracking.enabled:
@@ -291,6 +302,7 @@ def pipeline_run(tracking: TrackingConfig, name: str = "pipeline", tags: dict[st
     run_id = run.info.run_id
     if Path("params.yaml").exists():
         client.log_artifact(run_id, "params.yaml")
+        _log_params_file(client, run_id, Path("params.yaml"))
     previous = os.environ.get(PARENT_ENV)
     os.environ[PARENT_ENV] = run_id
     status = "FAILED"
@@ -304,6 +316,10 @@ def pipeline_run(tracking: TrackingConfig, name: str = "pipeline", tags: dict[st
             os.environ[PARENT_ENV] = previous
         if Path("dvc.lock").exists():
             client.log_artifact(run_id, "dvc.lock")
+        if status == "FINISHED" and not client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1):
+            # No stage ran: every output was up to date. Say so, so this run is not taken for a result.
+            client.set_tag(run_id, "onpolicy.noop", "true")
+            client.set_tag(run_id, "mlflow.runName", f"{name} (no-op: every stage up to date)")
         client.set_terminated(run_id, status)
 
 

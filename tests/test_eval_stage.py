@@ -50,7 +50,9 @@ def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_pa
     assert len(records) == 2 * 3 * (1 + 2)  # benchmarks x problems x (greedy + 2 samples)
     assert set(records["mode"]) == {"greedy", "sample"}
     assert records["n_tokens"].max() <= 16
-    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert json.loads((out / "summary.json").read_text())["benchmarks"] == metrics
+    assert json.loads((out / "metrics.json").read_text()) == {
+        b: {k: m[k] for k in ("greedy_accuracy", "strict_greedy_accuracy", "avg_at_k")} for b, m in metrics.items()}
     for m in metrics.values():
         assert {"greedy_accuracy", "strict_greedy_accuracy", "avg_at_k", "strict_avg_at_k", "pass_at_1", "pass_at_2",
                 "no_answer_rate", "truncated_rate"} <= set(m)
@@ -64,6 +66,12 @@ def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_pa
     on_training_run = client.get_run(train_run.info.run_id).data.metrics
     assert on_training_run["eval/arithmetic_ood/avg_at_k"] == pytest.approx(metrics["arithmetic_ood"]["avg_at_k"])
     assert not partial_dir(out).exists() and not any(p.name.endswith(".partial") for p in (tmp_path / "eval").iterdir())
+    eval_stage.run_eval(_cfg(), paths, TRACKING, MODEL, DATA, "base")
+    evals = client.search_runs([train_run.info.experiment_id], "tags.`onpolicy.stage` = 'eval'")
+    assert sorted(r.data.tags["onpolicy.model"] for r in evals) == ["base", RUN]
+    keys = [{k for k in r.data.metrics if "/" in k} for r in evals]
+    assert keys[0] == keys[1] and "arithmetic/greedy_accuracy" in keys[0], "every model under the same metric keys"
+    assert {r.data.tags["onpolicy.method"] for r in evals} == {"base", "idft"}
     versions = client.search_model_versions(f"name = 'test-eval-{RUN}'")
     assert [v.run_id for v in versions] == [train_run.info.run_id]
     assert float(versions[0].tags["eval.arithmetic.greedy_accuracy"]) == pytest.approx(metrics["arithmetic"]["greedy_accuracy"], abs=1e-6)

@@ -136,7 +136,7 @@ def test_sweep_flow_runs_one_dvc_experiment_per_grid_point(project, prefect_back
 
     results = sweep(grid={"data.n_eval": [4, 6]}, project_dir=str(project), targets=["data"])
     assert [r["name"] for r in results] == ["n_eval-4", "n_eval-6"]
-    evals = [r["experiments"]["metrics"]["artifacts/data/summary.json"]["data"]["eval"] for r in results]
+    evals = [r["experiments"]["metrics"]["artifacts/data/metrics.json"]["data"]["eval"] for r in results]
     assert evals == [4, 6]
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=project, capture_output=True, text=True, env=bin_env())
     assert "n_eval-4" in shown.stdout and "n_eval-6" in shown.stdout

@@ -35,8 +35,8 @@ def _fake_eval(paths, name, n_correct: dict[str, int], truncated=0.0, unboxed=0)
     folder = f"{paths.eval}/{name}"
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), f"{folder}/records.parquet")
-    write_json(f"{folder}/metrics.json", {b: {"greedy_accuracy": k / N, "problems": N, "truncated_rate": truncated}
-                                          for b, k in n_correct.items()})
+    write_json(f"{folder}/summary.json", {"benchmarks": {b: {"greedy_accuracy": k / N, "problems": N, "truncated_rate": truncated}
+                                                         for b, k in n_correct.items()}})
 
 
 @pytest.fixture
@@ -94,6 +94,9 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
         assert f"| {data} | 64 |" in md and paper in md
     assert Path(paths.report, "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
+    on_parent = mlflow.MlflowClient().get_run(parent.info.run_id).data.metrics
+    assert on_parent["base/arithmetic/greedy_accuracy"] == pytest.approx(30 / N), "the pipeline run compares every model"
+    assert {"sft-original/arithmetic/greedy_accuracy", "idft-hinted/arithmetic_ood/greedy_accuracy"} <= set(on_parent)
     assert artifacts == {"report/report.md", "report/comparison.png", "report/comparison.json"}
     saved = json.loads(Path(paths.report, "comparison.json").read_text())
     assert saved["table"]["arithmetic_ood"]["idft-hinted"]["vs_base"]["n"] == N
@@ -117,7 +120,7 @@ def test_small_samples_are_called_smoke_scale(paths, tmp_path):
 
 
 def test_report_without_an_evaluation_names_the_missing_file(paths):
-    with pytest.raises(InputError, match=r"dft-original/metrics.json"):
+    with pytest.raises(InputError, match=r"dft-original/summary.json"):
         run_report(REPORT, paths, OFF, EVAL, ["dft-original"])
 
 

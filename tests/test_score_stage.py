@@ -37,7 +37,8 @@ def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, 
     assert {r["id"] for r in selected} == set(df.nlargest(3, "avg_phi")["id"])
     assert summary["selection"] == {"threshold": None, "top_k": 3, "input": 10, "selected": 3}
     assert (out / "phi.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "metrics.json").read_text())["avg_phi.mean"] == pytest.approx(summary["avg_phi"]["mean"])
+    assert json.loads((out / "metrics.json").read_text()) == {"examples": summary["scored_examples"],
+                                                               "avg_phi": pytest.approx(summary["avg_phi"]["mean"])}
     run = mlflow.search_runs(experiment_names=["onpolicy-sft"], filter_string="tags.`onpolicy.stage` = 'score'").iloc[0]
     assert run["metrics.avg_phi.mean"] == pytest.approx(summary["avg_phi"]["mean"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}

@@ -46,6 +46,16 @@ def test_stage_runs_nest_under_the_pipeline_run_with_input_tags(tmp_path, monkey
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on the runs table"
 
 
+def test_a_pipeline_run_that_ran_nothing_says_so_and_carries_the_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  idft: {beta: 0.5}\n  runs: [a, b]\n")
+    with pipeline_run(TRACKING, name="nothing") as idle:
+        pass
+    run = mlflow.MlflowClient().get_run(idle)
+    assert run.data.tags["onpolicy.noop"] == "true" and "no-op" in run.data.tags["mlflow.runName"]
+    assert run.data.params["train.idft.beta"] == "0.5" and run.data.params["train.runs"] == '["a", "b"]'
+
+
 def test_a_failing_pipeline_run_is_marked_failed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError), pipeline_run(TRACKING, name="boom") as parent:

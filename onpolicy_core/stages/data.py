@@ -14,7 +14,7 @@ from onpolicy_core.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILE, EVAL_FILE, VAL_FILE, SUMMARY_FILE = "train.jsonl", "eval.jsonl", "val.jsonl", "summary.json"
+TRAIN_FILE, EVAL_FILE, VAL_FILE, SUMMARY_FILE, METRICS_FILE = "train.jsonl", "eval.jsonl", "val.jsonl", "summary.json", "metrics.json"
 
 
 def _report(name: str, result: LoadResult) -> dict:
@@ -67,6 +67,7 @@ def run_data(cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> d
         write_jsonl(out / VAL_FILE, (p.to_dict() for p in val_split))
         summary = {"train": len(train_split), "eval": len(eval_split), "val": len(val_split), "sources": sources}
         write_json(out / SUMMARY_FILE, summary)
+        write_json(out / METRICS_FILE, {k: summary[k] for k in ("train", "eval", "val")} | {"skipped": sum(s["skipped_total"] for s in sources)})
         skipped = sum(s["skipped_total"] for s in sources)
         run.log_metrics({"train_examples": len(train_split), "eval_examples": len(eval_split), "val_examples": len(val_split),
                          "skipped": skipped})

@@ -25,6 +25,8 @@ from onpolicy_core.config import (
     PathsConfig,
     TrackingConfig,
     parse_run,
+    run_group,
+    run_seed,
     to_dict,
 )
 from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
@@ -63,6 +65,17 @@ def model_folder(paths: PathsConfig, name: str) -> Path:
 def training_run_id(paths: PathsConfig, name: str) -> str | None:
     """The MLflow run id the train stage recorded for `name` (None for the base model)."""
     return None if name == BASE else read_run_record(Path(paths.train) / name).get("mlflow_run_id")
+
+
+def model_tags(name: str) -> dict[str, str]:
+    """Tags every eval run carries, base model included, so the MLflow runs table can put all models
+    side by side (`tags.onpolicy.stage = 'eval'`): each logs the same `<benchmark>/<metric>` keys."""
+    if name == BASE:
+        return {"onpolicy.model": BASE, "onpolicy.method": BASE, "onpolicy.data": "-", "onpolicy.seed": "-"}
+    method, data = parse_run(name)
+    seed = run_seed(name, -1)  # -1: no -s<seed> suffix, so train.common.seed
+    return {"onpolicy.model": name, "onpolicy.method": method, "onpolicy.data": data, "onpolicy.group": run_group(name),
+            "onpolicy.seed": str(seed) if seed >= 0 else "train.common.seed"}
 
 
 def make_generator(cfg: EvalConfig, folder: Path, model_cfg: ModelConfig, stage: ModelStage):
@@ -133,6 +146,15 @@ def benchmark_metrics(rows: list[dict], samples: int) -> dict:
     return out
 
 
+HEADLINE = ("greedy_accuracy", "strict_greedy_accuracy", "avg_at_k")
+"""What the DVC metrics file keeps per benchmark (`dvc metrics show` / `dvc exp show` stay readable);
+every number is in summary.json and MLflow."""
+
+
+def headline_metrics(metrics: dict[str, dict]) -> dict[str, dict]:
+    return {b: {k: m[k] for k in HEADLINE if k in m} for b, m in metrics.items()}
+
+
 def _write_parquet(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -159,7 +181,7 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
     with model_stage("eval", config, tracking, out=out, model_dir=folder, fingerprint=fingerprint, run_name=f"eval-{name}",
                      parent_run_id=parent, inputs=[folder, where.held_out], load_model=cfg.backend == "hf",
                      dtype=model_cfg.dtype) as stage:
-        stage.run.set_tags({"onpolicy.model": name, "onpolicy.backend": cfg.backend})
+        stage.run.set_tags(model_tags(name) | {"onpolicy.backend": cfg.backend, "onpolicy.benchmarks": ",".join(cfg.benchmarks)})
         generator = make_generator(cfg, folder, model_cfg, stage)
         start, new_tokens = time.perf_counter(), 0
 
@@ -190,7 +212,7 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
                 record["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
         _write_parquet(rows, out / "records.parquet")
         write_json(out / "summary.json", summary)
-        publish(stage.run, out / "metrics.json", metrics, [out / "metrics.json", out / "records.parquet"],
+        publish(stage.run, out / "metrics.json", headline_metrics(metrics), [out / "summary.json", out / "records.parquet"],
                 logged=flat | {"tokens_per_second": record["tokens_per_second"] or 0.0})
         write_run_record(out, record)
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)

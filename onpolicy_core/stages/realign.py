@@ -284,7 +284,8 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
             **{f"rejected.{k}": v for k, v in summary["rejections"].items()},
             **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
-        publish(stage.run, out / "metrics.json", metrics, [out / "summary.json", out / "records.jsonl"],
+        headline = {k: metrics[k] for k in ("verified_rate", "eos_rate", "train_examples", "avg_phi_realigned")}
+        publish(stage.run, out / "metrics.json", headline, [out / "summary.json", out / "records.jsonl"],
                 logged=metrics | {"seconds": seconds})
         write_run_record(out, {"seconds": round(seconds, 1), "mlflow_run_id": stage.run.run_id})
         log.info("realign %s: %d/%d verified, avg-phi original %.3f -> %s %.3f", variant,

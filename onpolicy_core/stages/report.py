@@ -2,7 +2,7 @@
 uncertainty.
 
 Reads, for the base model and each training run, `<paths.eval>/<model>/records.parquet` (every graded
-response) and `metrics.json`; the DDT summary of each training set (`<paths.score>/<data>/summary.json`)
+response) and `summary.json`; the DDT summary of each training set (`<paths.score>/<data>/summary.json`)
 and the realignment summary of each variant (`<paths.realign>/<variant>/summary.json`). Writes:
 
 - report.md: per benchmark, every model (runs of one method and data under several seeds as one row,
@@ -43,6 +43,7 @@ from onpolicy_core.config import (
 )
 from onpolicy_core.evaluation import pass_at_k
 from onpolicy_core.io import InputError, atomic_path, write_json, write_text
+from onpolicy_core.stages.skeleton import write_run_record
 from onpolicy_core.statistics import (
     Comparison,
     Estimate,
@@ -53,7 +54,7 @@ from onpolicy_core.statistics import (
     t_interval,
     wilson,
 )
-from onpolicy_core.tracking import log_artifacts_to, stage_run
+from onpolicy_core.tracking import log_artifacts_to, log_metrics_to, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -391,11 +392,11 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     for run in runs:
         parse_run(run)
     models = [BASE, *runs]
-    needed = [Path(paths.eval) / m / f for m in models for f in ("metrics.json", "records.parquet")]
+    needed = [Path(paths.eval) / m / f for m in models for f in ("summary.json", "records.parquet")]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise InputError(f"no evaluation for {missing}; run `dvc repro` (or `onpolicy eval --model <name>`) first")
-    results = {m: json.loads((Path(paths.eval) / m / "metrics.json").read_text()) for m in models}
+    results = {m: json.loads((Path(paths.eval) / m / "summary.json").read_text())["benchmarks"] for m in models}
     groups = []
     for name, members in group_runs(runs).items():
         g = Group(name, members)
@@ -421,9 +422,13 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
         files = [out / "report.md", out / "comparison.png", out / "comparison.json"]
         for f in files:
             run.log_artifact(f)
-        run.log_metrics({f"{m}/{b}/{config['metric_key']}": c["estimate"]["value"] for b, cells in table.items()
-                         for m, c in cells.items() if not math.isnan(c["estimate"]["value"])})
+        headline = {f"{m}/{b}/{config['metric_key']}": c["estimate"]["value"] for b, cells in table.items()
+                    for m, c in cells.items() if not math.isnan(c["estimate"]["value"])}
+        run.log_metrics(headline)
         if parent := os.environ.get("ONPOLICY_PARENT_RUN_ID"):
+            # The pipeline run carries the comparison itself: one row of the runs table, every model.
+            log_metrics_to(parent, headline, tracking)
             log_artifacts_to(parent, files, tracking, artifact_path="report")
+        write_run_record(out / "report", {"mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent})
     log.info("report: %d models x %d benchmarks -> %s", len(models), len(benches), out / "report.md")
     return comparison_json

@@ -203,12 +203,17 @@ def run_score(
         write_jsonl(out / SELECTED_FILE, (r for r in problems if r["id"] in keep))
         write_json(out / SUMMARY_FILE, summary)
         plot(rows, summary, out / PLOT_FILE, f"DDT scores: {name} ({summary['scored_examples']} examples)")
-        metrics = _flat_metrics(summary)
-        publish(stage.run, out / METRICS_FILE, metrics, [out / SUMMARY_FILE, out / PLOT_FILE], logged=metrics | timing)
+        publish(stage.run, out / METRICS_FILE, _headline(summary), [out / SUMMARY_FILE, out / PLOT_FILE],
+                logged=_flat_metrics(summary) | timing)
         write_run_record(out, {**timing, "mlflow_run_id": stage.run.run_id})
         log.info("score %s: avg-phi mean %s over %d examples, %.0f tok/s", name,
                  summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], timing["tokens_per_second"])
     return summary
+
+
+def _headline(summary: dict) -> dict[str, float]:
+    """The DVC metrics file: examples and the mean avg-phi (everything else: summary.json, MLflow)."""
+    return {"examples": summary["scored_examples"], "avg_phi": summary.get("avg_phi", {}).get("mean")}
 
 
 def _flat_metrics(summary: dict) -> dict[str, float]:

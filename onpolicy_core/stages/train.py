@@ -255,7 +255,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "onpolicy_train.json", config)
             write_json(tmp / PROVENANCE_FILE, {"kind": "trained", "run": run, "weights_sha256": weights_sha256(tmp)})
-        write_json(out / "metrics.json", {k: v for k, v in summary.items() if k != "loss_history"})
+        write_json(out / "metrics.json", {"train_loss": train_loss, "steps": trainer.state.global_step})
         write_json(out / "summary.json", summary)
         write_run_record(out, record)
         handle.log_metrics({"final_train_loss": train_loss, "steps": trainer.state.global_step})
