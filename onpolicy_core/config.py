@@ -24,6 +24,7 @@ import yaml
 from onpolicy_core.data.registry import BENCHMARKS
 from onpolicy_core.options import (
     Backend,
+    BenchmarkFile,
     DataFormat,
     DecodeOptions,
     EAFTOptions,
@@ -445,11 +446,18 @@ class EvalConfig:
     """arithmetic_ood: numbers up to this many times data.arithmetic.max_operand."""
     vllm: VLLMOptions
     """vLLM engine settings (generation.VLLMOptions)."""
+    custom_benchmarks: dict[str, BenchmarkFile]
+    """Your own benchmarks, by name (options.BenchmarkFile: path, format, fields, question_template,
+    answer_normalization); list a name in `benchmarks` to evaluate on it. No code edit needed."""
 
     def __post_init__(self) -> None:
-        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        clash = sorted(set(self.custom_benchmarks) & set(BENCHMARKS))
+        if clash:
+            raise ConfigError(f"eval.custom_benchmarks: {clash} repeat built-in benchmark names; choose other names")
+        known = set(BENCHMARKS) | set(self.custom_benchmarks)
+        unknown = [b for b in self.benchmarks if b not in known]
         if unknown or not self.benchmarks:
-            raise ConfigError(f"eval.benchmarks: unknown {unknown} (known: {sorted(BENCHMARKS)})" if unknown else "eval.benchmarks is empty")
+            raise ConfigError(f"eval.benchmarks: unknown {unknown} (known: {sorted(known)})" if unknown else "eval.benchmarks is empty")
         if self.samples < 0 or (self.samples == 0 and not self.greedy):
             raise ConfigError("eval needs samples >= 1 or greedy = true")
         if self.samples and self.temperature <= 0:

@@ -167,3 +167,29 @@ class FieldMap:
     """Column holding the gold final answer; None to take it from the solution (last \\boxed{})."""
     id: str | None
     """Column holding a stable example id; None numbers the rows."""
+
+
+AnswerNormalization = Literal["none", "strip_units"]
+"""How a benchmark's gold answers are read: as they are, or 'strip_units' for sets whose golds carry
+units or notes after the number (ASDiv-style '9 (apples)', '4.5 cm'): only the leading number is kept."""
+
+
+@dataclass(frozen=True)
+class BenchmarkFile:
+    """A benchmark declared in params.yaml (`eval.custom_benchmarks`): a local file and how to read it."""
+
+    path: str
+    """The .jsonl or .parquet file (relative to the project root); keep it under benchmarks/, which
+    the eval stages list as a DVC dependency, so a changed file reruns them."""
+    format: DataFormat
+    """How the gold answer is read (see DataFormat)."""
+    fields: FieldMap
+    """Column names."""
+    question_template: str | None
+    """Build the question from several columns, e.g. '{Body} {Question}' (SVAMP); None: fields.question."""
+    answer_normalization: AnswerNormalization
+    """'none', or 'strip_units' to keep only the leading number of each gold answer."""
+
+    def __post_init__(self) -> None:
+        if not self.path.endswith((".jsonl", ".parquet")):
+            raise ValueError(f"benchmark file {self.path!r} must be .jsonl or .parquet")

@@ -114,7 +114,7 @@ def project(tmp_path):
     data section, committed so stage runs carry a git commit."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", "prefect.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for folder in ("onpolicy_core", "tasks", "flows"):
+    for folder in ("onpolicy_core", "tasks", "flows", "benchmarks"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["data"]["arithmetic"]["n"] = 30

@@ -16,7 +16,7 @@ TRAIN = Generator(max_steps=4, max_operand=20)
 
 def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0, order="random"):
     return BenchmarkSource(data_root=str(data_root), allow_hub=False, limit=limit, limit_order=order, seed=seed,
-                           held_out=Path(held_out), ood_extra_steps=2, ood_operand_scale=2)
+                           held_out=Path(held_out), ood_extra_steps=2, ood_operand_scale=2, custom={})
 
 
 @pytest.mark.parametrize("name", sorted(n for n, b in BENCHMARKS.items() if b.kind == FILE))
@@ -75,3 +75,40 @@ def test_unknown_benchmark_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown"):
         default_params(["eval.benchmarks=[gsm8k, olympiad]"])
+
+
+SVAMP_ROWS = [  # the SVAMP layout (Body + Question, numeric Answer) and ASDiv-style golds with units
+    {"ID": "chal-1", "Body": "Jack had 8 pens and Mary had 5 pens.", "Question": "How many pens do they have in all?", "Answer": 13.0},
+    {"ID": "chal-2", "Body": "A tree is 9 m tall.", "Question": "How tall are two such trees?", "Answer": "18 (m)"},
+]
+
+
+def test_a_benchmark_declared_in_params_loads_with_template_and_units(tmp_path):
+    import json
+
+    from onpolicy_core.config import ConfigError, default_params
+
+    path = tmp_path / "svamp.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in SVAMP_ROWS))
+    spec = (f"{{svamp: {{path: {path}, format: fields, question_template: '{{Body}} {{Question}}', "
+            "answer_normalization: strip_units, fields: {question: Question, solution: null, answer: Answer, id: ID}}}")
+    p = default_params([f"eval.custom_benchmarks={spec}", "eval.benchmarks=[arithmetic, svamp]"])
+    where = BenchmarkSource(data_root="unused", allow_hub=False, limit=None, limit_order="random", seed=0, held_out=Path("x"),
+                            ood_extra_steps=2, ood_operand_scale=2, custom=p.eval.custom_benchmarks)
+    problems, report = load_benchmark("svamp", where, TRAIN)
+    assert [p.id for p in problems] == ["chal-1", "chal-2"] and not report.skipped
+    assert problems[0].question == "Jack had 8 pens and Mary had 5 pens. How many pens do they have in all?"
+    assert [p.answer for p in problems] == ["13.0", "18"], "a unit after the number is not part of the gold answer"
+    assert grade("So they have $\\boxed{13}$.", problems[0].answer).correct and grade("\\boxed{18}", problems[1].answer).correct
+    with pytest.raises(ConfigError, match=r"eval.benchmarks: unknown \['svamp'\]"):
+        default_params(["eval.benchmarks=[svamp]"])
+    with pytest.raises(ConfigError, match=r"repeat built-in benchmark names"):
+        default_params([f"eval.custom_benchmarks={spec.replace('svamp:', 'gsm8k:')}"])
+
+
+@pytest.mark.parametrize("gold,expected", [("9 (apples)", "9"), ("4.5 cm", "4.5"), ("1,200 km", "1200"), ("-3", "-3"),
+                                           ("3/4 cup", "3/4"), ("x + 1", "x + 1")])
+def test_strip_units_keeps_the_leading_number(gold, expected):
+    from onpolicy_core.data.sources import strip_units
+
+    assert strip_units(gold) == expected

@@ -128,3 +128,19 @@ def test_vllm_backend_matches_hf_greedy_accuracy(tmp_path, embedded_model_dir):
     same = sum(a == b for a, b in zip(greedy(hf_records), greedy(vl_records)))
     assert same >= 2, (greedy(hf_records), greedy(vl_records))  # near-ties may flip one (see test_generation)
     assert set(vl["arithmetic"]) == set(hf["arithmetic"])
+
+
+def test_a_benchmark_declared_only_in_params_evaluates(tmp_path, embedded_model_dir):
+    rows = [{"ID": f"s{i}", "Body": f"Ann has {i} apples and gets 2 more.", "Question": "How many apples does she have?",
+             "Answer": f"{i + 2} (apples)"} for i in range(3)]
+    bench = tmp_path / "svamp.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = (f"{{mine: {{path: {bench}, format: fields, question_template: '{{Body}} {{Question}}', answer_normalization: strip_units, "
+            "fields: {question: Question, solution: null, answer: Answer, id: ID}}}")
+    p = default_config(f"eval.custom_benchmarks={spec}", "eval.benchmarks=[mine]", "eval.limit=2", "eval.limit_order=first",
+                       "eval.max_new_tokens=16", "eval.backend=hf")
+    paths = _project(tmp_path, embedded_model_dir)
+    metrics = eval_stage.run_eval(p.eval, paths, OFF, MODEL, DATA, "base")
+    records = pd.read_parquet(tmp_path / "eval" / "base" / "records.parquet")
+    assert set(metrics) == {"mine"} and metrics["mine"]["problems"] == 2
+    assert list(records["problem_id"]) == ["s0", "s1"] and list(records["gold"]) == ["2", "3"]

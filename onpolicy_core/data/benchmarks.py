@@ -22,6 +22,7 @@ from onpolicy_core.data.registry import (
 )
 from onpolicy_core.data.sources import LoadResult, SourceError, load_source
 from onpolicy_core.io import read_problems
+from onpolicy_core.options import BenchmarkFile
 from onpolicy_core.records import Problem
 
 
@@ -53,6 +54,8 @@ class BenchmarkSource:
     """arithmetic_ood: up to this many more operations than the training generator."""
     ood_operand_scale: int
     """arithmetic_ood: numbers up to this many times the training generator's."""
+    custom: dict[str, BenchmarkFile]
+    """Benchmarks declared in params.yaml, beside the built-in registry."""
 
 
 def _subsample(problems: list[Problem], limit: int | None, seed: int, order: str = "random") -> list[Problem]:
@@ -68,8 +71,13 @@ def _subsample(problems: list[Problem], limit: int | None, seed: int, order: str
 def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator) -> tuple[list[Problem], LoadResult | None]:
     """The problems of benchmark `name` (at most `where.limit`) and, for file benchmarks, the load
     report with counted skips."""
+    if name in where.custom:
+        spec = where.custom[name]
+        loaded = load_source(spec.path, spec.format, spec.fields, max_chars=1_000_000,
+                             question_template=spec.question_template, answer_normalization=spec.answer_normalization)
+        return _subsample(loaded.problems, where.limit, where.seed, where.limit_order), loaded
     if name not in BENCHMARKS:
-        raise SourceError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+        raise SourceError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} and eval.custom_benchmarks {sorted(where.custom)}")
     bench = BENCHMARKS[name]
     if bench.kind in (HELD_OUT, VALIDATION):
         split = where.held_out if bench.kind == HELD_OUT else where.held_out.with_name("val.jsonl")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from onpolicy_core.grading import last_boxed
 from onpolicy_core.io import InputError, iter_jsonl
-from onpolicy_core.options import DataFormat, FieldMap
+from onpolicy_core.options import AnswerNormalization, DataFormat, FieldMap
 from onpolicy_core.records import Problem
 
 GSM8K_CALC = re.compile(r"<<[^<>]*>>")
@@ -85,7 +85,25 @@ def _rows_from_hub(dataset_id: str, hf_config: str | None, hf_split: str) -> Ite
         yield f"hf:{dataset_id}[{hf_split}] row {i}", obj
 
 
-def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, prefix: str) -> Problem:
+LEADING_NUMBER = re.compile(r"^\s*(-?[\d,]*\.?\d+(?:/\d+)?)")
+
+
+def strip_units(answer: str) -> str:
+    """'9 (apples)' -> '9', '4.5 cm' -> '4.5', '1,200 km' -> '1200'; an answer with no leading number is kept."""
+    match = LEADING_NUMBER.match(answer)
+    return match.group(1).replace(",", "") if match else answer
+
+
+def _question(obj: dict, template: str) -> str:
+    """The question from a template over the row's columns, e.g. '{Body} {Question}'."""
+    try:
+        return template.format_map(obj)
+    except KeyError as exc:
+        raise ValueError("missing_question", f"template field {exc.args[0]!r} absent") from exc
+
+
+def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, prefix: str,
+                question_template: str | None = None, answer_normalization: AnswerNormalization = "none") -> Problem:
     """Map one raw row onto a Problem; raises ValueError('reason', 'detail') for a skip."""
 
     def get(name: str | None, role: str) -> str:
@@ -98,7 +116,7 @@ def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, 
             raise ValueError(f"bad_{role}", f"field {name!r} is {type(value).__name__}")
         return str(value)
 
-    question = get(fields.question, "question").strip()
+    question = (_question(obj, question_template) if question_template else get(fields.question, "question")).strip()
     if fmt == "gsm8k":
         try:
             solution, answer = gsm8k_solution(get(fields.solution, "solution"))
@@ -116,6 +134,8 @@ def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, 
     else:  # fields; with no solution column the record is usable for evaluation only
         solution = get(fields.solution, "solution").strip() if fields.solution else ""
         answer = get(fields.answer, "answer").strip()
+    if answer_normalization == "strip_units":
+        answer = strip_units(answer)
     if not question:
         raise ValueError("empty_question", "")
     if not answer.strip():
@@ -127,7 +147,8 @@ def _to_problem(obj: dict, index: int, fmt: str, fields: FieldMap, source: str, 
 
 
 def load_source(source: str, fmt: DataFormat, fields: FieldMap, max_chars: int, hf_config: str | None = None,
-                hf_split: str = "train") -> LoadResult:
+                hf_split: str = "train", question_template: str | None = None,
+                answer_normalization: AnswerNormalization = "none") -> LoadResult:
     """Every usable record of file or hub `source` ('hf:<id>') in order, plus counted skips; records
     whose question + solution exceed `max_chars` are skipped. Zero usable records is an error."""
     result = LoadResult()
@@ -136,7 +157,7 @@ def load_source(source: str, fmt: DataFormat, fields: FieldMap, max_chars: int, 
     prefix = source[3:].replace("/", "-") if source.startswith("hf:") else f"{Path(source).parent.name}-{Path(source).stem}"
     for index, (where, obj) in enumerate(rows):
         try:
-            problem = _to_problem(obj, index, fmt, fields, source, prefix)
+            problem = _to_problem(obj, index, fmt, fields, source, prefix, question_template, answer_normalization)
         except ValueError as exc:
             reason, detail = (exc.args + ("",))[:2] if exc.args else ("invalid", "")
             result.skip(str(reason), where, str(detail))

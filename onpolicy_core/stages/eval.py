@@ -88,7 +88,7 @@ def make_generator(cfg: EvalConfig, folder: Path, model_cfg: ModelConfig, stage:
 def benchmark_source(cfg: EvalConfig, paths: PathsConfig) -> BenchmarkSource:
     return BenchmarkSource(data_root=cfg.data_root, allow_hub=cfg.allow_hub, limit=cfg.limit, limit_order=cfg.limit_order, seed=cfg.seed,
                            held_out=Path(paths.data) / "eval.jsonl", ood_extra_steps=cfg.ood_extra_steps,
-                           ood_operand_scale=cfg.ood_operand_scale)
+                           ood_operand_scale=cfg.ood_operand_scale, custom=cfg.custom_benchmarks)
 
 
 def _rows(benchmark: str, problems, mode: str, completions: list[list[Completion]]) -> list[dict]:
