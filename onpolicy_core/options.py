@@ -72,7 +72,7 @@ class DecodeOptions:
 # --- Token-weighted SFT losses (losses.py, training/sft.py; paper Sec. 5) -------------------------
 
 TokenMethod = Literal["sft", "dft", "eaft", "eaft_full", "idft"]
-"""Methods trained by the token-weighted SFT trainer (see the module docstring)."""
+"""Methods trained by the token-weighted SFT trainer (their weights: the docstring of losses.py)."""
 
 
 @dataclass(frozen=True)
