@@ -154,8 +154,10 @@ def test_checkpoints_made_under_other_settings_are_not_resumed(tiny_project, tmp
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("INFO", logger="onpolicy_core.stages.train"):
         train_stage.run_train(_cfg(max_steps=6, save_steps=2), paths, OFF, "sft-original")
+    assert "discarding" not in caplog.text, "a first run has nothing to discard"
+    caplog.clear()
     monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", real_step)
     with caplog.at_level("INFO", logger="onpolicy_core.stages.train"):
         other = train_stage.run_train(_cfg(max_steps=6, save_steps=2, learning_rate=1e-2, seed=7), paths, OFF, "sft-original")

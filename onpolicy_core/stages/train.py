@@ -198,6 +198,8 @@ def _last_checkpoint(folder: Path, fingerprint: dict) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     stamp = folder / "fingerprint.json"
+    if folder.is_dir() and not any(folder.glob("checkpoint-*")):
+        shutil.rmtree(folder)  # nothing to resume (the trainer creates its output folder up front)
     if folder.is_dir():
         try:
             old = json.loads(stamp.read_text())
