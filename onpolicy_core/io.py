@@ -148,6 +148,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def claim_work_dir(work_dir: str | Path, fingerprint: dict) -> list[str]:
+    """Keep the work folder of a resumable job only if it was made under the same `fingerprint`
+    (stamped in fingerprint.json); otherwise discard it. The folder exists, stamped, afterwards.
+    Returns the fingerprint keys that differed when an old folder was discarded ([] otherwise)."""
+    work_dir = Path(work_dir)
+    stamp = work_dir / "fingerprint.json"
+    expected = json.loads(json.dumps(fingerprint, sort_keys=True))
+    changed: list[str] = []
+    if work_dir.exists():
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != expected:
+            changed = sorted(k for k in expected if not isinstance(old, dict) or old.get(k) != expected[k]) or ["settings"]
+            shutil.rmtree(work_dir)
+    if not work_dir.exists():
+        work_dir.mkdir(parents=True)
+        write_json(stamp, fingerprint)
+    return changed
+
+
 class ShardedResults:
     """Results of a long stage, checkpointed in numbered shards so a killed run resumes.
 
@@ -159,17 +181,7 @@ class ShardedResults:
     def __init__(self, work_dir: str | Path, fingerprint: dict):
         self.dir = Path(work_dir)
         self.fingerprint = fingerprint
-        stamp = self.dir / "fingerprint.json"
-        if self.dir.exists():
-            try:
-                same = json.loads(stamp.read_text()) == json.loads(json.dumps(fingerprint, sort_keys=True))
-            except (OSError, json.JSONDecodeError):
-                same = False
-            if not same:
-                shutil.rmtree(self.dir)
-        if not self.dir.exists():
-            self.dir.mkdir(parents=True)
-            write_json(stamp, fingerprint)
+        claim_work_dir(self.dir, fingerprint)
 
     def _shard(self, index: int) -> Path:
         return self.dir / f"shard-{index:05d}.jsonl"

@@ -9,7 +9,6 @@ from its last checkpoint (optimizer, scheduler, step and so IDFT's lambda schedu
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -33,6 +32,7 @@ from onpolicy_core.grading import grade
 from onpolicy_core.io import (
     atomic_dir,
     atomic_path,
+    claim_work_dir,
     file_sha256,
     read_problems,
     write_json,
@@ -197,23 +197,11 @@ def _last_checkpoint(folder: Path, fingerprint: dict) -> str | None:
     Checkpoints made under anything else are discarded (one log line says why)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    stamp = folder / "fingerprint.json"
     if folder.is_dir() and not any(folder.glob("checkpoint-*")):
         shutil.rmtree(folder)  # nothing to resume (the trainer creates its output folder up front)
-    if folder.is_dir():
-        try:
-            old = json.loads(stamp.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        expected = json.loads(json.dumps(fingerprint, sort_keys=True))
-        if old != expected:
-            changed = sorted(k for k in expected if not isinstance(old, dict) or old.get(k) != expected[k])
-            log.info("discarding the checkpoints in %s: made under other %s; starting fresh", folder, ", ".join(changed) or "settings")
-            shutil.rmtree(folder)
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
-        write_json(stamp, fingerprint)
-        return None
+    changed = claim_work_dir(folder, fingerprint)
+    if changed:
+        log.info("discarding the checkpoints in %s: made under other %s; starting fresh", folder, ", ".join(changed))
     return get_last_checkpoint(str(folder))
 
 
