@@ -286,6 +286,11 @@ Method = Literal[TokenMethod, PreferenceMethod]
 METHOD_PARAMS = {"idft": "train.idft", "eaft": "train.eaft", "dpo": "train.preference", "simpo": "train.preference"}
 """The params block each method reads besides train.common (the others read train.common alone)."""
 
+
+def method_params(method: str) -> str:
+    """The params block of `method` a train stage lists besides train.common ('train.common' if none)."""
+    return METHOD_PARAMS.get(method, "train.common")
+
 _RUN_NAME = re.compile(r"(?P<method>[a-z_]+)-(?P<data>[a-z_]+)(?:-s(?P<seed>\d+))?")
 
 
@@ -403,7 +408,7 @@ class TrainConfig:
             raise ConfigError("train.runs is empty")
         for run, spec in self.runs.items():
             method, _ = parse_run(run)
-            expected = METHOD_PARAMS.get(method, "train.common")
+            expected = method_params(method)
             if spec.params != expected:
                 raise ConfigError(f"train.runs.{run}.params must be {expected!r} (the block method {method!r} reads), got {spec.params!r}")
 
@@ -506,7 +511,12 @@ class PathsConfig:
 
 def training_file(paths: PathsConfig, data: str) -> str:
     """The training records of a data choice: the data stage's split or a Hinted Decoding variant."""
-    return f"{paths.data}/train.jsonl" if data == "original" else f"{paths.realign}/{data}/train.jsonl"
+    return training_file_under(paths.data, paths.realign, data)
+
+
+def training_file_under(data_dir: str, realign_dir: str, data: str) -> str:
+    """`training_file` from the two folders (for params.yaml as raw data, before it is typed)."""
+    return f"{data_dir}/train.jsonl" if data == "original" else f"{realign_dir}/{data}/train.jsonl"
 
 
 @dataclass

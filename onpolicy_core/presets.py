@@ -13,11 +13,12 @@ import io
 from pathlib import Path
 
 from onpolicy_core.config import (
-    METHOD_PARAMS,
     ConfigError,
     Params,
     from_mapping,
+    method_params,
     parse_run,
+    training_file_under,
 )
 from onpolicy_core.io import write_text
 
@@ -31,8 +32,7 @@ def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
 def run_spec(run: str, paths: dict) -> dict:
     """The params.yaml entry of a run: its method's params block and its training file."""
     method, data = parse_run(run)
-    file = f"{paths['data']}/train.jsonl" if data == "original" else f"{paths['realign']}/{data}/train.jsonl"
-    return {"params": METHOD_PARAMS.get(method, "train.common"), "data": file}
+    return {"params": method_params(method), "data": training_file_under(paths["data"], paths["realign"], data)}
 
 
 def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from onpolicy_core.config import (
-    METHOD_PARAMS,
     PathsConfig,
     TrackingConfig,
     TrainCommon,
     TrainConfig,
+    method_params,
     parse_run,
     run_seed,
     to_dict,
@@ -207,7 +207,7 @@ def _last_checkpoint(folder: Path, fingerprint: dict) -> str | None:
 
 def _method_options(method: str, cfg: TrainConfig) -> dict:
     """The options block the method reads (what its DVC stage lists besides train.common)."""
-    block = METHOD_PARAMS.get(method, "train.common").removeprefix("train.")
+    block = method_params(method).removeprefix("train.")
     return {block: to_dict(getattr(cfg, block))} if block != "common" else {}
 
 
