@@ -25,6 +25,12 @@ from onpolicy_core.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 
+def _as_params(obj: dict) -> dict[str, str]:
+    """Nested settings as MLflow params: dotted keys, lists and mappings as JSON, values cut at 500
+    characters (MLflow caps a param at 6000; the full settings are logged as an artefact)."""
+    return {k: str(json.dumps(v) if isinstance(v, (list, dict)) else v)[:500] for k, v in _flatten(obj).items()}
+
+
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
@@ -121,9 +127,14 @@ def tracking_uri(tracking: TrackingConfig) -> tuple[str, bool]:
     return uri, False
 
 
+_PREPARED_STORES: set[str] = set()
+
+
 def prepare_sqlite_store(uri: str) -> None:
     """Create or upgrade a SQLite tracking store once, under a file lock: stages that start together
-    on a new store would otherwise race through its schema migrations and fail."""
+    on a new store would otherwise race through its schema migrations and fail. Once per process."""
+    if uri in _PREPARED_STORES:
+        return
     import mlflow
     from filelock import FileLock
 
@@ -131,6 +142,7 @@ def prepare_sqlite_store(uri: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=300):
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _PREPARED_STORES.add(uri)
 
 
 def _connect(tracking: TrackingConfig) -> tuple[Any, bool]:
@@ -219,10 +231,8 @@ def _log_params_file(client: Any, run_id: str, path: Path) -> None:
     import yaml
     from mlflow.entities import Param
 
-    flat = _flatten(yaml.safe_load(path.read_text()) or {})
-    params = [Param(k, str(json.dumps(v) if isinstance(v, (list, dict)) else v)[:500]) for k, v in flat.items()]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=params[start : start + 100])
+    params = _as_params(yaml.safe_load(path.read_text()) or {})
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])  # the client sends them in batches of 100
 
 
 def log_metrics_to(run_id: str, metrics: dict[str, float], tracking: TrackingConfig) -> None:
@@ -340,9 +350,7 @@ def stage_run(stage: str, config: dict, tracking: TrackingConfig, run_name: str 
     tags = {"onpolicy.stage": stage, **_common_tags(fell_back),
             **{f"dvc.input.{p}"[:250]: h for p, h in dvc_lock_hashes(list(inputs)).items()}}
     with mlflow.start_run(run_name=run_name or stage, nested=bool(parent), parent_run_id=parent or None, tags=tags) as run:
-        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in _flatten(config).items()}
-        # MLflow caps a param value at 6000 chars; the full config is the artifact below.
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params(_as_params(config))
         mlflow.log_dict(config, "config.json")
         handle = StageRun(mlflow)
         handle.run_id = run.info.run_id
