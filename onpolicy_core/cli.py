@@ -31,19 +31,8 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _deterministic() -> None:
-    """Same inputs, same bytes where the libraries allow it: deterministic kernels (warn, never fail,
-    where an op has none) and cuBLAS's fixed workspace on GPUs. CPU results also depend on the thread
-    count (OMP_NUM_THREADS) and the instruction set: docs/reliability.md gives the measured sizes."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    import torch
-
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def _load(params: Path, overrides: list[str] | None) -> Params:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    _deterministic()
     try:
         return load_params(params, overrides)
     except ConfigError as exc:

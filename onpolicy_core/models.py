@@ -97,6 +97,7 @@ def _torch_dtype(name: str):
 
 def load_source(cfg: ModelConfig):
     """(model, tokenizer) loaded from the spec, on CPU, in `cfg.dtype`."""
+    deterministic_torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(cfg)
@@ -155,9 +156,23 @@ def model_identity(folder: str | Path) -> str:
     return provenance.read_text() if provenance.exists() else f"weights:{weights_sha256(folder)}"
 
 
+def deterministic_torch() -> None:
+    """Same inputs, same bytes where the libraries allow it: deterministic kernels (warn, never fail,
+    where an op has none) and cuBLAS's fixed workspace on GPUs. Set where a model is loaded, so the
+    stages without one (data, report) do not import torch. CPU results also depend on the thread
+    count (OMP_NUM_THREADS) and the instruction set: docs/reliability.md gives the measured sizes."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def load_materialised(folder: str | Path, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a folder written by the `model` stage, in eval mode, on `device`
     ('auto': the GPU when there is one)."""
+    deterministic_torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
