@@ -68,7 +68,7 @@ PAPER_AVG_PHI = {"original": "< -0.1 (ground truth)", "self_distill": "< -0.1", 
 
 
 def metric_key(cfg: ReportConfig, samples: int) -> str:
-    """The metrics.json key of the headline metric."""
+    """The per-benchmark key of the headline metric (in each eval summary.json)."""
     return {"greedy": "greedy_accuracy", "avg@k": "avg_at_k", "pass@k": f"pass_at_{samples}"}[cfg.metric]
 
 
