@@ -171,7 +171,8 @@ class FieldMap:
 
 AnswerNormalization = Literal["none", "strip_units"]
 """How a benchmark's gold answers are read: as they are, or 'strip_units' for sets whose golds carry
-units or notes after the number (ASDiv-style '9 (apples)', '4.5 cm'): only the leading number is kept."""
+units or notes after the number (ASDiv-style '9 (apples)', '4.5 cm', '1.6 \\mathrm{~cm}'): a number
+followed only by unit words becomes the number; any other answer is kept as it is."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class BenchmarkFile:
     question_template: str | None
     """Build the question from several columns, e.g. '{Body} {Question}' (SVAMP); None: fields.question."""
     answer_normalization: AnswerNormalization
-    """'none', or 'strip_units' to keep only the leading number of each gold answer."""
+    """'none', or 'strip_units' (see AnswerNormalization)."""
 
     def __post_init__(self) -> None:
         if not self.path.endswith((".jsonl", ".parquet")):

@@ -1,6 +1,7 @@
 """The benchmark registry on the real files: every benchmark loads, its gold answers grade a
 correct boxed answer as correct and another problem's answer as wrong, and bad set-ups fail clearly."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,43 @@ def test_a_benchmark_declared_in_params_loads_with_template_and_units(tmp_path):
 
 
 @pytest.mark.parametrize("gold,expected", [("9 (apples)", "9"), ("4.5 cm", "4.5"), ("1,200 km", "1200"), ("-3", "-3"),
-                                           ("3/4 cup", "3/4"), ("x + 1", "x + 1")])
+                                           ("3/4 cup", "3/4"), ("x + 1", "x + 1"), ("2.5e-3 \\text{ s}", "2.5e-3"),
+                                           ("7.6 Z", "7.6 Z"), ("1,200.5 (m)", "1200.5")])
 def test_strip_units_keeps_the_leading_number(gold, expected):
     from onpolicy_core.data.sources import strip_units
 
     assert strip_units(gold) == expected
+
+
+def _minerva_golds(shared_data):
+    """(gold, the LaTeX unit written right after its \\boxed{} in the solution or None) per Minerva row."""
+    import json
+
+    from onpolicy_core.data.sources import last_boxed
+
+    rows = []
+    for line in (shared_data / "minerva_math" / "test.jsonl").read_text().splitlines():
+        solution = json.loads(line)["solution"]
+        gold = last_boxed(solution)
+        if gold is None:
+            continue
+        after = solution[solution.rfind("\\boxed{") + len("\\boxed{") + len(gold) + 1 :]
+        unit = re.match(r"\s*(\\mathrm\{[^}]*\}|\\text\s*\{[^}]*\})", after)
+        rows.append((gold, unit.group(1) if unit else None))
+    return rows
+
+
+def test_strip_units_on_real_minerva_answers(shared_data):
+    """Real golds with units (Minerva writes the unit after the box: '\\boxed{1.6} \\mathrm{~cm}'): gold +
+    unit strips to the boxed number, which grades a correct response as correct; every real gold
+    without a unit ('1+\\sqrt{3} i', '2.2 \\tau', '7.6 Z') is left exactly as it is."""
+    from onpolicy_core.data.sources import strip_units
+
+    rows = _minerva_golds(shared_data)
+    with_units = [(g, u) for g, u in rows if u is not None and re.fullmatch(r"-?[\d.]+(e-?\d+)?", g)]
+    assert len(with_units) >= 40
+    for gold, unit in with_units:
+        assert strip_units(f"{gold} {unit}") == gold, (gold, unit)
+        assert grade(f"So the answer is $\\boxed{{{gold}}}$.", strip_units(f"{gold} {unit}")).correct
+    changed = [g for g, _ in rows if strip_units(g) != g]
+    assert changed == [], f"golds without units were changed: {changed[:5]}"

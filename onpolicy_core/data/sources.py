@@ -85,13 +85,27 @@ def _rows_from_hub(dataset_id: str, hf_config: str | None, hf_split: str) -> Ite
         yield f"hf:{dataset_id}[{hf_split}] row {i}", obj
 
 
-LEADING_NUMBER = re.compile(r"^\s*(-?[\d,]*\.?\d+(?:/\d+)?)")
+NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.?\d+)(?:[eE][-+]?\d+)?(?:/\d+)?"
+UNIT_TOKEN = (r"\s+|~|/|\\,|\\cdot|\\mu|\^\{?-?\d+\}?|\([^()]*\)|\\(?:text|mathrm)\s*\{[^{}]*\}|[A-Za-z]{2,}"
+              r"|[mgsKhLAVWJN](?![A-Za-z])")
+"""What may follow the number in a gold answer with a unit: words, a parenthesised phrase, \\text{}
+or \\mathrm{} groups, '/', powers, and the one-letter SI units. A single other letter or any LaTeX math
+('1+\\sqrt{3} i', '2.2 \\tau', '7.6 Z' in Minerva's golds) is part of the answer, not a unit."""
+_LEADING_NUMBER = re.compile(rf"^\s*({NUMBER})(.*)$", re.S)
+_ONLY_UNITS = re.compile(rf"(?:{UNIT_TOKEN})*")
 
 
 def strip_units(answer: str) -> str:
-    """'9 (apples)' -> '9', '4.5 cm' -> '4.5', '1,200 km' -> '1200'; an answer with no leading number is kept."""
-    match = LEADING_NUMBER.match(answer)
-    return match.group(1).replace(",", "") if match else answer
+    """'9 (apples)' -> '9', '1,200 km' -> '1200', '1.6 \\mathrm{~cm}' -> '1.6'. An answer is kept as it
+    is unless it is a number followed only by unit words. Hand-written: math-verify normalises the
+    model's LaTeX, not a dataset's plain-text gold answers."""
+    match = _LEADING_NUMBER.match(answer)
+    if not match:
+        return answer
+    rest = match.group(2)
+    if rest.strip() and not (_ONLY_UNITS.fullmatch(rest) and re.search(r"[A-Za-z]", rest)):
+        return answer
+    return match.group(1).replace(",", "")
 
 
 def _question(obj: dict, template: str) -> str:
