@@ -25,6 +25,27 @@ SetOpt = Annotated[
 ]
 
 
+ShardOpt = Annotated[int | None, typer.Option("--shard", help="Process only shard I (0-based) of --num-shards N: a contiguous run of work units; writes no outputs.")]
+NumShardsOpt = Annotated[int | None, typer.Option("--num-shards", help="How many shards the work units are split into (with --shard).")]
+MergeOpt = Annotated[bool, typer.Option("--merge", help="Write the outputs from every shard's finished work units (no model is loaded).")]
+
+
+def _sharding(shard: int | None, num_shards: int | None, merge: bool):
+    """The Shard of --shard/--num-shards (None: a whole run or a merge); bad combinations are one line."""
+    from onpolicy_core.stages.skeleton import Shard
+
+    if merge and shard is not None:
+        raise _fail("--merge writes the outputs of all shards; it takes no --shard")
+    if (shard is None) != (num_shards is None):
+        raise _fail("--shard and --num-shards go together")
+    if shard is None:
+        return None
+    try:
+        return Shard(shard, num_shards)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+
+
 def _fail(message: str) -> typer.Exit:
     """One line on stderr and exit code 2: what a user error ends in."""
     typer.echo(f"error: {message}", err=True)
@@ -89,21 +110,25 @@ def score(
     field: Annotated[str, typer.Option(help="Record field scored as the response.")] = "solution",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    shard: ShardOpt = None,
+    num_shards: NumShardsOpt = None,
+    merge: MergeOpt = False,
 ) -> None:
     """DDT-score a corpus: phi = log p + H per response token under the model (paper Sec. 3).
 
     Writes scores.parquet (per example, with per-token phi/logp/entropy), summary.json, metrics.json,
     phi.png and selected.jsonl (the subset passing score.select_threshold / score.select_top_k).
     Settings under `score:` in params.yaml: temperature, max_tokens_per_batch, max_batch_size,
-    chunk_size, thresholds, select_threshold, select_top_k, histogram_bins.
+    chunk_size, thresholds, select_threshold, select_top_k, histogram_bins, work_unit, workers.
     """
     from onpolicy_core.stages.score import run_score
 
+    sharding = _sharding(shard, num_shards, merge)
     p = _load(params, set_)
     input = input or Path(p.paths.data) / "train.jsonl"
     output = output or Path(p.paths.score) / input.stem
     with _user_errors():
-        run_score(p.score, p.paths, p.tracking, input, output, response_field=field)
+        run_score(p.score, p.paths, p.tracking, input, output, response_field=field, shard=sharding, merge=merge)
 
 
 @app.command()
@@ -113,6 +138,9 @@ def realign(
     output: Annotated[Path, typer.Option(help="Output folder (default: <paths.realign>/<variant>).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    shard: ShardOpt = None,
+    num_shards: NumShardsOpt = None,
+    merge: MergeOpt = False,
 ) -> None:
     """Hinted Decoding: rewrite each reference solution in the model's own words (paper Sec. 4).
 
@@ -128,9 +156,10 @@ def realign(
 
     if variant not in get_args(RealignVariant):
         raise _fail(f"--variant must be one of {list(get_args(RealignVariant))}, got {variant!r}")
+    sharding = _sharding(shard, num_shards, merge)
     p = _load(params, set_)
     with _user_errors():
-        run_realign(p.realign, p.paths, p.tracking, variant, input, output)
+        run_realign(p.realign, p.paths, p.tracking, variant, input, output, shard=sharding, merge=merge)
 
 
 @app.command()
@@ -156,18 +185,22 @@ def eval_(
     model: Annotated[str, typer.Option(help="'base' (the materialised model) or a training run <method>-<data>.")] = "base",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    shard: ShardOpt = None,
+    num_shards: NumShardsOpt = None,
+    merge: MergeOpt = False,
 ) -> None:
     """Evaluate a model on the eval.benchmarks: greedy accuracy, Avg@k, pass@k, response length.
 
     Writes <paths.eval>/<model>/records.parquet (every response, graded), metrics.json and
     summary.json; logs under the model's training run in MLflow. Settings under `eval:`
-    (backend hf | vllm, samples, temperature, top_p, max_new_tokens, limit, vllm block).
+    (backend hf | vllm, samples, temperature, top_p, max_new_tokens, limit, vllm block, work_unit, workers).
     """
     from onpolicy_core.stages.eval import run_eval
 
+    sharding = _sharding(shard, num_shards, merge)
     p = _load(params, set_)
     with _user_errors():
-        run_eval(p.eval, p.paths, p.tracking, p.model, p.data, model)
+        run_eval(p.eval, p.paths, p.tracking, p.model, p.data, model, shard=sharding, merge=merge)
 
 
 @app.command()

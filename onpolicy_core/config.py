@@ -124,6 +124,20 @@ class DataConfig:
             raise ConfigError("data.max_chars must be positive")
 
 
+def check_sharding(stage: str, work_unit: int, workers: int) -> None:
+    if work_unit < 1 or workers < 1:
+        raise ConfigError(f"{stage}.work_unit and {stage}.workers must be >= 1")
+
+
+OUTPUT_NEUTRAL = ("workers",)
+"""Settings that change how a stage runs, never what it writes: left out of fingerprints and DVC params."""
+
+
+def output_settings(cfg: Any) -> dict:
+    """A stage config as plain data without the OUTPUT_NEUTRAL settings (for fingerprints)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in OUTPUT_NEUTRAL}
+
+
 @dataclass
 class ScoreConfig:
     """DDT scoring (paper Sec. 3): phi_t = log p_tau(x_t | context) + H_tau(p_t) per response token."""
@@ -144,6 +158,13 @@ class ScoreConfig:
     """If set, also write the k examples with the highest avg-phi (applied after the threshold)."""
     histogram_bins: int
     """Bins of the histograms in the summary and plot."""
+    work_unit: int
+    """Records per work unit. A killed run resumes after its last finished unit, and `--shard I
+    --num-shards N` takes a contiguous run of units; batches form inside a unit, so outputs may depend
+    on it, never on how many shards ran."""
+    workers: int
+    """Shards run through Prefect (the `scale` block) when > 1; 1 runs in the stage's own process.
+    Outputs are the same bytes either way, so DVC does not list it and it is not in any fingerprint."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -154,6 +175,7 @@ class ScoreConfig:
             raise ConfigError("score.select_top_k must be >= 1 when set")
         if self.histogram_bins < 1:
             raise ConfigError("score.histogram_bins must be >= 1")
+        check_sharding("score", self.work_unit, self.workers)
 
 
 @dataclass
@@ -217,12 +239,20 @@ class RealignConfig:
     a logits processor; desynced pairs are recomputed with 'hf' and counted)."""
     vllm: VLLMOptions
     """vLLM engine settings for backend 'vllm' (tensor_parallel_size must be 1)."""
+    work_unit: int
+    """Problems per work unit. A killed run resumes after its last finished unit, and `--shard I
+    --num-shards N` takes a contiguous run of units; batches form inside a unit, so outputs may depend
+    on it, never on how many shards ran."""
+    workers: int
+    """Shards run through Prefect (the `scale` block) when > 1; 1 runs in the stage's own process.
+    Outputs are the same bytes either way, so DVC does not list it and it is not in any fingerprint."""
 
     def __post_init__(self) -> None:
         if self.backend == "vllm" and self.vllm.tensor_parallel_size != 1:
             raise ConfigError("realign.backend 'vllm' runs the engine in-process: realign.vllm.tensor_parallel_size must be 1")
         if self.batch_size < 1:
             raise ConfigError("realign.batch_size must be positive")
+        check_sharding("realign", self.work_unit, self.workers)
 
 
 @dataclass
@@ -454,6 +484,13 @@ class EvalConfig:
     custom_benchmarks: dict[str, BenchmarkFile]
     """Your own benchmarks, by name (options.BenchmarkFile: path, format, fields, question_template,
     answer_normalization); list a name in `benchmarks` to evaluate on it. No code edit needed."""
+    work_unit: int
+    """Problems of one benchmark per work unit. A killed run resumes after its last finished unit, and `--shard I
+    --num-shards N` takes a contiguous run of units; batches form inside a unit, so outputs may depend
+    on it, never on how many shards ran."""
+    workers: int
+    """Shards run through Prefect (the `scale` block) when > 1; 1 runs in the stage's own process.
+    Outputs are the same bytes either way, so DVC does not list it and it is not in any fingerprint."""
 
     def __post_init__(self) -> None:
         clash = sorted(set(self.custom_benchmarks) & set(BENCHMARKS))
@@ -473,6 +510,7 @@ class EvalConfig:
             raise ConfigError("eval.limit must be >= 1 or null")
         if self.ood_extra_steps < 1 or self.ood_operand_scale < 1:
             raise ConfigError("eval.ood_extra_steps and ood_operand_scale must be >= 1")
+        check_sharding("eval", self.work_unit, self.workers)
 
 
 @dataclass
@@ -543,6 +581,28 @@ class TrackingConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """How a stage with `workers` > 1 fans out (docs/scale.md): its DVC command runs a Prefect flow that
+    submits one run of `deployment` per shard, retries a failed shard, then merges the shards."""
+
+    deployment: str
+    """'<flow name>/<deployment name>' of the shard flow (prefect.yaml: onpolicy-shard/shard on the local
+    process pool; point it at a deployment on a GPU pool to run shards there)."""
+    shard_retries: int
+    """Times a failed or crashed shard run is submitted again; it resumes after its last finished unit."""
+    shard_timeout_s: int
+    """Longest one shard run may take before it counts as failed."""
+    poll_s: float
+    """Seconds between checks of the shard runs' states."""
+
+    def __post_init__(self) -> None:
+        if "/" not in self.deployment:
+            raise ConfigError(f"scale.deployment must be '<flow>/<deployment>', got {self.deployment!r}")
+        if self.shard_retries < 0 or self.shard_timeout_s < 1 or self.poll_s <= 0:
+            raise ConfigError("scale needs shard_retries >= 0, shard_timeout_s >= 1 and poll_s > 0")
+
+
+@dataclass
 class Params:
     """The whole of `params.yaml`."""
 
@@ -555,6 +615,7 @@ class Params:
     train: TrainConfig
     eval: EvalConfig
     report: ReportConfig
+    scale: ScaleConfig
 
     def __post_init__(self) -> None:
         if self.report.metric != "greedy" and self.eval.samples == 0:

@@ -151,31 +151,43 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def claim_work_dir(work_dir: str | Path, fingerprint: dict) -> list[str]:
     """Keep the work folder of a resumable job only if it was made under the same `fingerprint`
     (stamped in fingerprint.json); otherwise discard it. The folder exists, stamped, afterwards.
-    Returns the fingerprint keys that differed when an old folder was discarded ([] otherwise)."""
+    Returns the fingerprint keys that differed when an old folder was discarded ([] otherwise).
+    Shard workers claim the same folder at once, so the check holds a file lock beside it."""
+    from filelock import FileLock
+
     work_dir = Path(work_dir)
     stamp = work_dir / "fingerprint.json"
     expected = json.loads(json.dumps(fingerprint, sort_keys=True))
     changed: list[str] = []
-    if work_dir.exists():
-        try:
-            old = json.loads(stamp.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != expected:
-            changed = sorted(k for k in expected if not isinstance(old, dict) or old.get(k) != expected[k]) or ["settings"]
-            shutil.rmtree(work_dir)
-    if not work_dir.exists():
-        work_dir.mkdir(parents=True)
-        write_json(stamp, fingerprint)
+    work_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(work_dir.parent / f".{work_dir.name}.lock")):
+        if work_dir.exists():
+            try:
+                old = json.loads(stamp.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != expected:
+                changed = sorted(k for k in expected if not isinstance(old, dict) or old.get(k) != expected[k]) or ["settings"]
+                shutil.rmtree(work_dir)
+        if not work_dir.exists():
+            work_dir.mkdir(parents=True)
+            write_json(stamp, fingerprint)
     return changed
 
 
+class UnitsMissing(InputError):
+    """A merge found work units that no shard has finished."""
+
+
 class ShardedResults:
-    """Results of a long stage, checkpointed in numbered shards so a killed run resumes.
+    """Results of a long stage, checkpointed in numbered work units so a killed run resumes and
+    several shard workers can fill one folder.
 
     The work folder sits beside the final output and carries a fingerprint of everything the
-    results depend on (config, input, model); a mismatching fingerprint discards the old shards,
-    so a resumed run can never mix results computed under different settings.
+    results depend on (config, input, model); a mismatching fingerprint discards the old units,
+    so a resumed run or a merge can never mix results computed under different settings. Each
+    unit file appears whole or not at all (atomic rename), so a worker killed mid-write leaves
+    nothing that a merge would read.
     """
 
     def __init__(self, work_dir: str | Path, fingerprint: dict):
@@ -183,19 +195,41 @@ class ShardedResults:
         self.fingerprint = fingerprint
         claim_work_dir(self.dir, fingerprint)
 
-    def _shard(self, index: int) -> Path:
-        return self.dir / f"shard-{index:05d}.jsonl"
+    def _unit(self, index: int) -> Path:
+        return self.dir / f"unit-{index:05d}.jsonl"
 
     def done(self, index: int) -> bool:
-        return self._shard(index).exists()
+        return self._unit(index).is_file()
 
     def write(self, index: int, rows: list[dict]) -> None:
-        write_jsonl(self._shard(index), rows)
+        write_jsonl(self._unit(index), rows)
 
     def read(self, index: int) -> list[dict]:
-        return read_jsonl(self._shard(index))
+        return read_jsonl(self._unit(index))
+
+    def collect(self, total: int) -> list[dict]:
+        """Every unit's rows in order; UnitsMissing names the units no worker has finished."""
+        missing = [i for i in range(total) if not self.done(i)]
+        if missing:
+            raise UnitsMissing(f"{self.dir}: {len(missing)} of {total} work units not finished ({_ranges(missing)}); "
+                               "run the shards that hold them (or the stage without --merge)")
+        return [row for i in range(total) for row in self.read(i)]
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(OSError):
+            (self.dir.parent / f".{self.dir.name}.lock").unlink()
+        with contextlib.suppress(OSError):
             self.dir.parent.rmdir()  # the shared .<folder>.partial, once its last stage is done
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'units 0-2, 5'."""
+    parts, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ("unit " if len(indices) == 1 else "units ") + ", ".join(parts)

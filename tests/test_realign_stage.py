@@ -83,8 +83,7 @@ def test_fallback_policy_keeps_every_example(tmp_path, corpus, embedded_model_di
 
 
 def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_model_dir, monkeypatch):
-    monkeypatch.setattr(realign_stage, "SHARD_SIZE", 2)
-    p = _config(embedded_model_dir)  # sampled, seeded per example
+    p = _config(embedded_model_dir, "realign.work_unit=2")  # sampled, seeded per example
     cfg, paths, tracking = p.realign, p.paths, p.tracking
     real = hinted.hinted_generate
     calls = {"n": 0}
@@ -102,7 +101,7 @@ def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_mode
     assert not (out / "train.jsonl").exists()
     calls["n"] = 10
     realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, out)
-    assert calls["n"] == 12, "the finished shard was reused: two batches left (shards of 2 and 1)"
+    assert calls["n"] == 12, "the finished unit was reused: two batches left (units of 2 and 1)"
     monkeypatch.setattr(realign_stage, "hinted_generate", real)
     realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, tmp_path / "fresh")
     assert (out / "records.jsonl").read_text() == (tmp_path / "fresh" / "records.jsonl").read_text()

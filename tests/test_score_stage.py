@@ -46,8 +46,7 @@ def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, 
 
 
 def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_model_dir, monkeypatch):
-    monkeypatch.setattr(score_stage, "SHARD_SIZE", 4)
-    p = default_config("score.max_batch_size=4", f"paths.model={embedded_model_dir}", "tracking.enabled=false")
+    p = default_config("score.max_batch_size=4", "score.work_unit=4", f"paths.model={embedded_model_dir}", "tracking.enabled=false")
     cfg, paths, tracking = p.score, p.paths, p.tracking
     real = ddt.score_batch
     calls = {"n": 0}
@@ -63,10 +62,10 @@ def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_mod
     with pytest.raises(KeyboardInterrupt):
         score_stage.run_score(cfg, paths, tracking, corpus, out)
     assert not (out / "scores.parquet").exists(), "no half-written output"
-    assert len(list(partial_dir(tmp_path / "resumed").glob("shard-*.jsonl"))) == 2
+    assert len(list(partial_dir(tmp_path / "resumed").glob("unit-*.jsonl"))) == 2
     calls["n"] = -100  # no more kills; count the batches the resumed run needs
     score_stage.run_score(cfg, paths, tracking, corpus, out)
-    assert calls["n"] == -100 + 1, "only the last shard (2 examples, one batch) is recomputed"
+    assert calls["n"] == -100 + 1, "only the last unit (2 examples, one batch) is recomputed"
     monkeypatch.setattr(ddt, "score_batch", real)
     fresh = tmp_path / "fresh"
     score_stage.run_score(cfg, paths, tracking, corpus, fresh)

@@ -6,7 +6,8 @@ mean response length,
 the share of responses with no extractable answer and the share cut off at max_new_tokens. Every
 response is kept in `records.parquet` for inspection. The MLflow run is nested under the model's
 training run, and the headline numbers are also logged on the training run itself, so a model and
-its scores sit together in the UI. Benchmarks are checkpointed one by one: a killed run resumes.
+its scores sit together in the UI. Work units (eval.work_unit problems of one benchmark) are
+checkpointed: a killed run resumes, and shard workers split the units between them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onpolicy_core.config import (
     TrackingConfig,
     parse_run,
     run_group,
+    output_settings,
     run_seed,
     to_dict,
 )
@@ -42,10 +44,13 @@ from onpolicy_core.io import InputError, atomic_path, write_json
 from onpolicy_core.prompts import render_prompt
 from onpolicy_core.stages.skeleton import (
     ModelStage,
-    map_shards,
+    Shard,
+    map_units,
     model_stage,
     publish,
     read_run_record,
+    shard_timing,
+    take_shard_records,
     write_run_record,
 )
 from onpolicy_core.tracking import log_metrics_to, register_model
@@ -164,9 +169,10 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
 
 
 def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, model_cfg: ModelConfig, data_cfg: DataConfig,
-             name: str = BASE) -> dict:
+             name: str = BASE, shard: Shard | None = None, merge: bool = False) -> dict | None:
     """Evaluate model `name` ('base' or '<method>-<data>'); write <paths.eval>/<name>/{records.parquet,
-    metrics.json, summary.json} and return the metrics per benchmark."""
+    metrics.json, summary.json} and return the metrics per benchmark. `shard`: only that shard's work
+    units, no outputs (returns None); `merge`: the outputs from every shard's units."""
     folder = model_folder(paths, name)
     if not (folder / "config.json").is_file():
         hint = "run `onpolicy model`" if name == BASE else f"run `dvc repro train@{name}` (or `onpolicy train --run {name}`)"
@@ -177,33 +183,50 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
     where = benchmark_source(cfg, paths)
     generator_settings = Generator(max_steps=data_cfg.arithmetic.max_steps, max_operand=data_cfg.arithmetic.max_operand)
     loaded = {b: load_benchmark(b, where, generator_settings) for b in cfg.benchmarks}
-    fingerprint = {"config": to_dict(cfg), "problems": {b: [p.id for p in problems] for b, (problems, _) in loaded.items()}}
+    fingerprint = {"config": output_settings(cfg), "problems": {b: [p.id for p in problems] for b, (problems, _) in loaded.items()}}
+    # A work unit is (benchmark, first problem): eval.work_unit problems of one benchmark.
+    units = [(b, start) for b, (problems, _) in loaded.items() for start in range(0, len(problems), cfg.work_unit)]
     with model_stage("eval", config, tracking, out=out, model_dir=folder, fingerprint=fingerprint, run_name=f"eval-{name}",
                      parent_run_id=parent, inputs=[folder, where.held_out], load_model=cfg.backend == "hf",
-                     dtype=model_cfg.dtype) as stage:
-        stage.run.set_tags(model_tags(name) | {"onpolicy.backend": cfg.backend, "onpolicy.benchmarks": ",".join(cfg.benchmarks)})
-        generator = make_generator(cfg, folder, model_cfg, stage)
+                     dtype=model_cfg.dtype, shard=shard, merge=merge) as stage:
+        if stage.run is not None:
+            stage.run.set_tags(model_tags(name) | {"onpolicy.backend": cfg.backend, "onpolicy.benchmarks": ",".join(cfg.benchmarks)})
         start, new_tokens = time.perf_counter(), 0
+        if merge:
+            rows = stage.shards.collect(len(units))
+        else:
+            generator = make_generator(cfg, folder, model_cfg, stage)
 
-        def evaluate_shard(shard: list[str]) -> list[dict]:  # one benchmark per shard
-            nonlocal new_tokens
-            (benchmark,) = shard
-            bench_rows = evaluate_benchmark(generator, stage.tokenizer, benchmark, loaded[benchmark][0], cfg)
-            new_tokens += sum(r["n_tokens"] for r in bench_rows)
-            return bench_rows
+            def evaluate_unit(unit: list[tuple[str, int]]) -> list[dict]:
+                nonlocal new_tokens
+                ((benchmark, first),) = unit
+                problems = loaded[benchmark][0][first : first + cfg.work_unit]
+                unit_rows = evaluate_benchmark(generator, stage.tokenizer, benchmark, problems, cfg)
+                new_tokens += sum(r["n_tokens"] for r in unit_rows)
+                return unit_rows
 
-        try:
-            rows = map_shards(stage.shards, list(loaded), 1, evaluate_shard)
-        finally:
-            generator.close()
+            mine = shard.units(len(units)) if shard is not None else None
+            resumed = sum(stage.shards.done(u) for u in mine) if mine is not None else 0
+            try:
+                rows = map_units(stage.shards, units, 1, evaluate_unit, units=mine)
+            finally:
+                generator.close()
+            if shard is not None:
+                write_run_record(out, {"seconds": round(time.perf_counter() - start, 1), "units": [mine.start, mine.stop],
+                                       "units_resumed": resumed, "generated_tokens": new_tokens}, shard)
+                return None
         seconds = time.perf_counter() - start
         generated = sum(r["n_tokens"] for r in rows)
         metrics = {b: benchmark_metrics([r for r in rows if r["benchmark"] == b], cfg.samples) for b in cfg.benchmarks}
         skipped = {b: dict(report.skipped) for b, (_, report) in loaded.items() if report is not None and report.skipped}
         summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "generated_tokens": generated}
-        # Throughput of this process only: benchmarks read back from a killed run's shards cost no time here.
-        record = {"seconds": round(seconds, 1), "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else None,
-                  "mlflow_run_id": stage.run.run_id, "mlflow_parent_run_id": parent}
+        shards_run = take_shard_records(out) if merge else {}
+        timing = shard_timing(shards_run)
+        # Throughput of the work done now: units read back from a killed run's checkpoints cost no time here.
+        busy, made = (timing["shard_seconds_total"], sum(r.get("generated_tokens", 0) for r in shards_run.values())) if merge \
+            else (seconds, new_tokens)
+        record = {"seconds": round(seconds, 1), "tokens_per_second": round(made / busy, 1) if made and busy else None,
+                  "mlflow_run_id": stage.run.run_id, "mlflow_parent_run_id": parent, **timing, "shards": shards_run}
         flat = {f"{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
         if parent:
             log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
@@ -213,7 +236,7 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         _write_parquet(rows, out / "records.parquet")
         write_json(out / "summary.json", summary)
         publish(stage.run, out / "metrics.json", headline_metrics(metrics), [out / "summary.json", out / "records.parquet"],
-                logged=flat | {"tokens_per_second": record["tokens_per_second"] or 0.0})
+                logged=flat | timing | {"tokens_per_second": record["tokens_per_second"] or 0.0})
         write_run_record(out, record)
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
     return metrics

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from onpolicy_core import ddt
 from onpolicy_core.config import (
     PathsConfig,
+    output_settings,
     RealignConfig,
     RealignVariant,
     TrackingConfig,
@@ -46,14 +47,17 @@ from onpolicy_core.io import (
 from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
 from onpolicy_core.records import REQUIRED_FIELDS, Problem
 from onpolicy_core.stages.skeleton import (
-    map_shards,
+    Shard,
+    map_units,
     model_stage,
+    n_units,
     publish,
+    take_shard_records,
+    shard_timing,
     write_run_record,
 )
 
 log = logging.getLogger(__name__)
-SHARD_SIZE = 64
 REJECTIONS = ("repetitive", "truncated", "no_boxed_answer", "wrong_answer")
 """Why a realigned response is not verified, in the order they are checked."""
 
@@ -126,12 +130,14 @@ def _hf_decode(model, tokenizer, hinted, plain, seeds, opts, mixing, eos_ids, ba
 
 
 def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfig, variant: RealignVariant,
-                    shards: ShardedResults | None = None, engine=None) -> list[dict]:
-    """One detail row per problem (input order), computed shard by shard so a killed run resumes.
+                    shards: ShardedResults | None = None, engine=None, units: range | None = None) -> list[dict]:
+    """One detail row per problem (input order), computed unit by unit (cfg.work_unit problems) so a
+    killed run resumes; only the units in `units` when given (a shard worker).
     With a vLLM `engine` (hinted_vllm.make_engine) pairs decode there; desynced ones on HF."""
     opts, mixing = cfg.decoding, variant_mixing(cfg, variant)
     eos_ids = sorted(stop_token_ids(model, tokenizer))
-    bar = tqdm(total=len(problems), desc=f"Hinted Decoding ({variant})", unit="ex", dynamic_ncols=True)
+    todo = len(problems) if units is None else sum(len(problems[u * cfg.work_unit : (u + 1) * cfg.work_unit]) for u in units)
+    bar = tqdm(total=todo, desc=f"Hinted Decoding ({variant})", unit="ex", dynamic_ncols=True)
     generated, start = 0, time.perf_counter()
 
     def realign_shard(chunk: list[Problem]) -> list[dict]:
@@ -182,7 +188,7 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
             })
         return shard_rows
 
-    rows = map_shards(shards, problems, SHARD_SIZE, realign_shard, on_resumed=bar.update)
+    rows = map_units(shards, problems, cfg.work_unit, realign_shard, on_resumed=bar.update, units=units)
     bar.close()
     return rows
 
@@ -245,28 +251,43 @@ def summarise(rows: list[dict], variant: str, mixing: MixingOptions) -> dict:
 
 
 def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig, variant: RealignVariant,
-                input_path: str | Path | None = None, output_dir: str | Path | None = None) -> dict:
+                input_path: str | Path | None = None, output_dir: str | Path | None = None,
+                shard: Shard | None = None, merge: bool = False) -> dict | None:
+    """Realign the input (whole), one shard's units of it (`shard`: no outputs, returns None), or
+    write the outputs from every shard's units (`merge`)."""
     input_path = Path(input_path or Path(paths.data) / "train.jsonl")
     out = Path(output_dir or Path(paths.realign) / variant)
     problems = read_problems(input_path)
     mixing = variant_mixing(cfg, variant)
     # Only what this variant reads: the other variant's mixing does not touch its fingerprint.
-    config = {"realign": {k: v for k, v in to_dict(cfg).items() if k != "mixing"}, "mixing": to_dict(mixing),
+    config = {"realign": {k: v for k, v in output_settings(cfg).items() if k != "mixing"}, "mixing": to_dict(mixing),
               "variant": variant, "input": str(input_path)}
     fingerprint = {"config": config, "input": file_sha256(input_path)}
-    with model_stage("realign", config, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
-                     inputs=[paths.model, input_path], run_name=f"realign-{variant}") as stage:
-        engine = None
-        if cfg.backend == "vllm":
-            from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable
-
-            try:
-                from onpolicy_core.hinted_vllm import make_engine
-            except ImportError as exc:
-                raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
-            engine = make_engine(str(paths.model), cfg.vllm, dtype=str(stage.model.dtype).removeprefix("torch."), seed=cfg.seed)
+    with model_stage("realign", config | {"workers": cfg.workers}, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
+                     inputs=[paths.model, input_path], run_name=f"realign-{variant}", shard=shard, merge=merge) as stage:
         start = time.perf_counter()
-        rows = realign_records(stage.model, stage.tokenizer, problems, cfg, variant, stage.shards, engine)
+
+        def realign_units(units: range | None) -> list[dict]:
+            engine = None
+            if cfg.backend == "vllm":
+                from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable
+
+                try:
+                    from onpolicy_core.hinted_vllm import make_engine
+                except ImportError as exc:
+                    raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
+                engine = make_engine(str(paths.model), cfg.vllm, dtype=str(stage.model.dtype).removeprefix("torch."), seed=cfg.seed)
+            return realign_records(stage.model, stage.tokenizer, problems, cfg, variant, stage.shards, engine, units)
+
+        total = n_units(len(problems), cfg.work_unit)
+        if shard is not None:
+            units = shard.units(total)
+            resumed = sum(stage.shards.done(u) for u in units)
+            rows = realign_units(units)
+            write_run_record(out, {"seconds": round(time.perf_counter() - start, 1), "units": [units.start, units.stop],
+                                   "units_resumed": resumed, "examples": len(rows)}, shard)
+            return None
+        rows = stage.shards.collect(total) if merge else realign_units(None)
         seconds = time.perf_counter() - start
         train = apply_policy(rows, cfg.on_unverified)
         summary = summarise(rows, variant, mixing)
@@ -285,9 +306,11 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
             **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
         headline = {k: metrics[k] for k in ("verified_rate", "eos_rate", "train_examples", "avg_phi_realigned")}
+        shards_run = take_shard_records(out) if merge else {}
+        timing = {"seconds": round(seconds, 1)} | shard_timing(shards_run)
         publish(stage.run, out / "metrics.json", headline, [out / "summary.json", out / "records.jsonl"],
-                logged=metrics | {"seconds": seconds})
-        write_run_record(out, {"seconds": round(seconds, 1), "mlflow_run_id": stage.run.run_id})
+                logged=metrics | timing)
+        write_run_record(out, timing | {"mlflow_run_id": stage.run.run_id, "shards": shards_run})
         log.info("realign %s: %d/%d verified, avg-phi original %.3f -> %s %.3f", variant,
                  sum(r["verified"] for r in rows), len(rows), summary["avg_phi"]["original"] or float("nan"),
                  variant, summary["avg_phi"][variant] or float("nan"))

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from onpolicy_core import ddt
-from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig, to_dict
+from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig, output_settings, to_dict
 from onpolicy_core.io import (
     InputError,
     ShardedResults,
@@ -23,9 +23,13 @@ from onpolicy_core.io import (
 )
 from onpolicy_core.prompts import encode_pair, render_prompt
 from onpolicy_core.stages.skeleton import (
-    map_shards,
+    Shard,
+    map_units,
     model_stage,
+    n_units,
     publish,
+    shard_timing,
+    take_shard_records,
     write_run_record,
 )
 
@@ -33,7 +37,6 @@ log = logging.getLogger(__name__)
 
 SCORES_FILE, SUMMARY_FILE, METRICS_FILE = "scores.parquet", "summary.json", "metrics.json"
 PLOT_FILE, SELECTED_FILE = "phi.png", "selected.jsonl"
-SHARD_SIZE = 256
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -53,12 +56,14 @@ def _read_scorable(path: Path, response_field: str) -> list[dict]:
 
 
 def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, response_field: str = "solution",
-                  shards: ShardedResults | None = None) -> list[dict]:
-    """Per-example rows (stats and per-token arrays) in input order; shards make it resumable.
+                  shards: ShardedResults | None = None, units: range | None = None) -> list[dict]:
+    """Per-example rows (stats and per-token arrays) in input order; work units (cfg.work_unit records)
+    make it resumable, and `units` limits it to a shard's units.
 
     Each record needs `id`, `question` and `response_field`; the prompt is the shared chat prompt.
     """
-    bar = tqdm(total=len(problems), desc="DDT scoring", unit="ex", dynamic_ncols=True)
+    todo = len(problems) if units is None else sum(len(problems[u * cfg.work_unit : (u + 1) * cfg.work_unit]) for u in units)
+    bar = tqdm(total=todo, desc="DDT scoring", unit="ex", dynamic_ncols=True)
     tokens_done, start = 0, time.perf_counter()
 
     def progress(n_examples: int, n_tokens: int) -> None:
@@ -83,7 +88,7 @@ def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, resp
             for p, s, (_, response) in zip(chunk, scores, pairs)
         ]
 
-    rows = map_shards(shards, problems, SHARD_SIZE, score_shard, on_resumed=bar.update)
+    rows = map_units(shards, problems, cfg.work_unit, score_shard, on_resumed=bar.update, units=units)
     bar.close()
     return rows
 
@@ -178,22 +183,40 @@ def run_score(
     input_path: str | Path,
     output_dir: str | Path,
     response_field: str = "solution",
-) -> dict:
-    """Score `response_field` of every record in `input_path`; write scores, summary, plot, selection."""
+    shard: Shard | None = None,
+    merge: bool = False,
+) -> dict | None:
+    """Score `response_field` of every record in `input_path`; write scores, summary, plot, selection.
+    `shard`: score only that shard's units (no outputs; returns None); `merge`: write the outputs from
+    every shard's units."""
     input_path, out = Path(input_path), Path(output_dir)
     problems = _read_scorable(input_path, response_field)
     name = out.name
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
-    fingerprint = {"score": to_dict(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
+    fingerprint = {"score": output_settings(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
     with model_stage("score", config, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
-                     inputs=[paths.model, input_path], run_name=f"score-{name}") as stage:
+                     inputs=[paths.model, input_path], run_name=f"score-{name}", shard=shard, merge=merge) as stage:
         start = time.perf_counter()
-        rows = score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards)
+        total = n_units(len(problems), cfg.work_unit)
+        if shard is not None:
+            units = shard.units(total)
+            resumed = sum(stage.shards.done(u) for u in units)
+            rows = score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards, units)
+            write_run_record(out, {"seconds": round(time.perf_counter() - start, 1), "units": [units.start, units.stop],
+                                   "units_resumed": resumed, "examples": len(rows)}, shard)
+            return None
+        if merge:
+            rows = stage.shards.collect(total)
+        else:
+            rows = score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards)
         seconds = time.perf_counter() - start
         summary = summarise(rows, cfg)
         ids, rule = select(rows, cfg)
         summary["selection"] = rule
-        timing = {"seconds": round(seconds, 2), "tokens_per_second": round(summary["tokens"] / max(seconds, 1e-9), 1)}
+        shards_run = take_shard_records(out) if merge else {}
+        timing = {"seconds": round(seconds, 2), **shard_timing(shards_run)}
+        busy = timing.get("shard_seconds_total", seconds)  # a merge's own seconds are only the reading back
+        timing["tokens_per_second"] = round(summary["tokens"] / max(busy, 1e-9), 1)
         out.mkdir(parents=True, exist_ok=True)
         import pandas as pd
 
@@ -205,7 +228,7 @@ def run_score(
         plot(rows, summary, out / PLOT_FILE, f"DDT scores: {name} ({summary['scored_examples']} examples)")
         publish(stage.run, out / METRICS_FILE, _headline(summary), [out / SUMMARY_FILE, out / PLOT_FILE],
                 logged=_flat_metrics(summary) | timing)
-        write_run_record(out, {**timing, "mlflow_run_id": stage.run.run_id})
+        write_run_record(out, {**timing, "mlflow_run_id": stage.run.run_id, "shards": shards_run})
         log.info("score %s: avg-phi mean %s over %d examples, %.0f tok/s", name,
                  summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], timing["tokens_per_second"])
     return summary

@@ -1,15 +1,23 @@
 """The skeleton the model stages share (score, realign, eval): open the stage's MLflow run, load the
-model, map a function over resumable shards, then write and log the results.
+model, map a function over resumable work units, then write and log the results.
 
-Shards are checkpointed outside the output folder (`partial_dir`) under a fingerprint of everything the results
-depend on (config, inputs, model content), so a killed stage resumes, but only into work made under
-the same settings; the shards are cleared once the stage has written its outputs.
+Work units are checkpointed outside the output folder (`partial_dir`) under a fingerprint of everything
+the results depend on (config, inputs, model content), so a killed stage resumes, but only into work
+made under the same settings; the units are cleared once the stage has written its outputs.
+
+A stage runs in one of three ways (docs/scale.md):
+  whole   every unit, then the outputs (the default; `workers: 1`)
+  shard   `--shard I --num-shards N`: a contiguous run of units into the shared work folder, no outputs,
+          no MLflow run (the merge logs the stage)
+  merge   `--merge`: no model; every unit's rows read back in order and the outputs written from them,
+          so N shards give exactly the bytes of one whole run
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +31,34 @@ from onpolicy_core.tracking import StageRun, stage_run
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): a contiguous run of a stage's work units, the same for any
+    worker, so no rebalancing is ever needed."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"--shard must be in 0..{self.count - 1} for --num-shards {self.count}, got {self.index}")
+
+    def units(self, total: int) -> range:
+        return range(self.index * total // self.count, (self.index + 1) * total // self.count)
+
+    @property
+    def label(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+
+def n_units(n_items: int, unit_size: int) -> int:
+    return math.ceil(n_items / unit_size)
+
+
 @dataclass
 class ModelStage:
-    run: StageRun
+    run: StageRun | None
+    """The stage's MLflow run (None in a shard worker: the merge logs the stage)."""
     model: Any
     """The loaded model (None when the stage was opened with load_model=False)."""
     tokenizer: Any
@@ -43,10 +76,13 @@ def partial_dir(out: Path) -> Path:
 @contextlib.contextmanager
 def model_stage(stage: str, config: dict, tracking: TrackingConfig, *, out: Path, model_dir: str | Path, fingerprint: dict,
                 inputs: Sequence[str | Path], run_name: str, parent_run_id: str | None = None, load_model: bool = True,
-                dtype: str = "float32") -> Iterator[ModelStage]:
-    """Open the stage run, load the model (or only its tokenizer) and the shards of `out`."""
-    with stage_run(stage, config, tracking, run_name=run_name, parent_run_id=parent_run_id, inputs=list(inputs)) as run:
-        if load_model:
+                dtype: str = "float32", shard: Shard | None = None, merge: bool = False) -> Iterator[ModelStage]:
+    """Open the stage run (not in a shard worker), load the model (or only its tokenizer: always
+    when merging) and the work units of `out`; the units are cleared after a whole run or a merge."""
+    opened = (contextlib.nullcontext(None) if shard is not None else
+              stage_run(stage, config, tracking, run_name=run_name, parent_run_id=parent_run_id, inputs=list(inputs)))
+    with opened as run:
+        if load_model and not merge:
             model, tokenizer = load_materialised(model_dir, dtype=dtype, device="auto")
         else:
             from transformers import AutoTokenizer
@@ -54,27 +90,28 @@ def model_stage(stage: str, config: dict, tracking: TrackingConfig, *, out: Path
             model, tokenizer = None, AutoTokenizer.from_pretrained(model_dir)
         shards = ShardedResults(partial_dir(Path(out)), {**fingerprint, "model": model_identity(model_dir)})
         yield ModelStage(run, model, tokenizer, shards)
-        shards.clear()
+        if shard is None:
+            shards.clear()
 
 
-def map_shards(shards: ShardedResults | None, items: Sequence[T], shard_size: int, fn: Callable[[Sequence[T]], list[dict]],
-               on_resumed: Callable[[int], None] | None = None) -> list[dict]:
-    """fn over `items` in shards of `shard_size`, in order; shards already done are read back (and
-    `on_resumed` told how many items they held) instead of computed again. No `shards`: no checkpoints."""
+def map_units(shards: ShardedResults | None, items: Sequence[T], unit_size: int, fn: Callable[[Sequence[T]], list[dict]],
+              on_resumed: Callable[[int], None] | None = None, units: range | None = None) -> list[dict]:
+    """fn over `items` in work units of `unit_size`, in order (only the units in `units`, if given);
+    units already done are read back (and `on_resumed` told how many items they held) instead of
+    computed again. A computed unit is also read back from its file, so a whole run returns exactly
+    the rows a merge reads. No `shards`: no checkpoints."""
     rows: list[dict] = []
-    for index, start in enumerate(range(0, len(items), shard_size)):
-        chunk = items[start : start + shard_size]
+    for index in units if units is not None else range(n_units(len(items), unit_size)):
+        chunk = items[index * unit_size : (index + 1) * unit_size]
         if shards is None:
             rows.extend(fn(chunk))
             continue
         if shards.done(index):
-            rows.extend(shards.read(index))
             if on_resumed is not None:
                 on_resumed(len(chunk))
-            continue
-        new = fn(chunk)
-        shards.write(index, new)
-        rows.extend(new)
+        else:
+            shards.write(index, fn(chunk))
+        rows.extend(shards.read(index))
     return rows
 
 
@@ -87,8 +124,29 @@ def run_record_path(out: Path) -> Path:
     return out.parent.with_name(".runs") / out.parent.name / f"{out.name}.json"
 
 
-def write_run_record(out: Path, record: dict) -> None:
-    write_json(run_record_path(out), record)
+def write_run_record(out: Path, record: dict, shard: Shard | None = None) -> None:
+    """The run record of `out`, or of one shard of it (<name>.shard-I-of-N.json beside it)."""
+    path = run_record_path(out)
+    write_json(path.with_name(f"{path.stem}.{shard.label}.json") if shard else path, record)
+
+
+def take_shard_records(out: Path) -> dict[str, dict]:
+    """The run records the shard workers of `out` wrote, by shard label; removed once read, so the
+    next merge never counts the shards of an earlier run."""
+    path = run_record_path(out)
+    records = {}
+    for file in sorted(path.parent.glob(f"{path.stem}.shard-*-of-*.json")):
+        records[file.stem.removeprefix(f"{path.stem}.")] = json.loads(file.read_text())
+        file.unlink()
+    return records
+
+
+def shard_timing(records: dict[str, dict]) -> dict[str, float]:
+    """What a merge logs of its shards: how many ran, the slowest and the total worker seconds."""
+    if not records:
+        return {}
+    seconds = [r.get("seconds", 0.0) for r in records.values()]
+    return {"shards": len(records), "shard_seconds_max": max(seconds), "shard_seconds_total": round(sum(seconds), 1)}
 
 
 def read_run_record(out: Path) -> dict:
@@ -99,6 +157,7 @@ def read_run_record(out: Path) -> dict:
 def publish(run: StageRun, metrics_file: Path, metrics: dict, artifacts: Sequence[Path] = (),
             logged: dict[str, float] | None = None) -> None:
     """Write metrics.json (a DVC metric), log the metrics (`logged`, else `metrics`) and artifacts."""
+    assert run is not None, "a shard worker writes no outputs"
     write_json(metrics_file, metrics)
     run.log_metrics(logged if logged is not None else metrics)
     for path in artifacts:
