@@ -77,8 +77,15 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     sys.exit("error: the MLflow UI did not start")
                 time.sleep(1)
-        query = urllib.parse.urlencode({"searchFilter": "tags.`onpolicy.stage` = 'eval'", "compareRunsMode": "TABLE"})
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
+        # The view the report stage shares in the experiment (filter + metric columns), else the filter alone.
+        import mlflow
+
+        tags = mlflow.MlflowClient(tracking_uri=args.tracking_uri).get_experiment(experiment_id).tags
+        if "mlflow.sharedViewState.onpolicy-comparison" in tags:
+            url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?viewStateShareKey=onpolicy-comparison"
+        else:
+            query = urllib.parse.urlencode({"searchFilter": "tags.`onpolicy.stage` = 'eval'", "compareRunsMode": "TABLE"})
+            url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         "--window-size=1800,900", "--virtual-time-budget=20000", f"--screenshot={args.out}", url],

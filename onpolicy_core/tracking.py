@@ -75,6 +75,20 @@ class StageRun:
         if self._mlflow:
             self._mlflow.set_tags(tags)
 
+    def share_view(self, key: str, view: dict) -> str | None:
+        """Store a runs-table view (filter, columns, order) in the run's experiment, where MLflow's UI
+        opens it for everyone at the returned `#/experiments/<id>/runs?viewStateShareKey=<key>`
+        (the UI's own views are kept in each browser)."""
+        if not self._mlflow:
+            return None
+        experiment = self._mlflow.active_run().info.experiment_id
+        self._mlflow.MlflowClient().set_experiment_tag(experiment, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(view))
+        return f"#/experiments/{experiment}/runs?viewStateShareKey={key}"
+
+
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+"""MLflow 3's UI reads a shared runs-table view from the experiment tag of this prefix + key (plain JSON)."""
+
 
 PARENT_ENV = "ONPOLICY_PARENT_RUN_ID"
 DVC_STAGE_ENV = "ONPOLICY_DVC_STAGE"

@@ -108,24 +108,34 @@ def bin_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
 
 
-@pytest.fixture
-def project(tmp_path):
+def make_project(path: Path, **settings) -> Path:
     """A throwaway git + DVC copy of the project (code, dvc.yaml, prefect.yaml, flows) with a small
-    data section, committed so stage runs carry a git commit."""
+    data section and dotted `settings` ({"realign.backend": "hf"}) in params.yaml, committed so stage
+    runs carry a git commit."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", "prefect.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
+        shutil.copy(ROOT / name, path / name)
     for folder in ("onpolicy_core", "tasks", "flows", "benchmarks"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["data"]["arithmetic"]["n"] = 30
-    params["data"]["n_eval"] = 5
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / ".gitignore").write_text("/artifacts/\nmlflow.db\n")
+        shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    for key, value in {"data.arithmetic.n": 30, "data.n_eval": 5, **settings}.items():
+        *parents, last = key.split(".")
+        node = params
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    (path / ".gitignore").write_text("/artifacts/\nmlflow.db\n")
     env = bin_env()
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
-    return tmp_path
+        subprocess.run(cmd, cwd=path, check=True, env=env)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path):
+    """make_project in the test's folder."""
+    return make_project(tmp_path)
 
 
 def default_config(*overrides: str):

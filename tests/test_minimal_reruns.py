@@ -71,6 +71,9 @@ CHANGES = {
                                             for r in ("sft-original", "dft-original", "idft-original", "idft-hinted")} | {"report"}),
     "eval.limit": (8, {"eval-base", "eval@sft-original", "eval@dft-original", "eval@idft-original", "eval@idft-hinted", "report"}),
     "score.thresholds": ([-2.0], {"score@original", "score@self_distill", "score@hinted", "report"}),
+    # How many shards run changes no byte (docs/scale.md), so nothing reruns.
+    "realign.workers": (4, set()),
+    "eval.workers": (2, set()),
 }
 
 

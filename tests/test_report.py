@@ -98,6 +98,11 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
     assert on_parent["base/arithmetic/greedy_accuracy"] == pytest.approx(30 / N), "the pipeline run compares every model"
     assert {"sft-original/arithmetic/greedy_accuracy", "idft-hinted/arithmetic_ood/greedy_accuracy"} <= set(on_parent)
     assert artifacts == {"report/report.md", "report/comparison.png", "report/comparison.json"}
+    experiment = mlflow.MlflowClient().get_experiment_by_name("test-report")
+    view = json.loads(experiment.tags["mlflow.sharedViewState.onpolicy-comparison"])  # what the UI opens by ?viewStateShareKey=
+    assert view["searchFilter"] == "tags.`onpolicy.stage` = 'eval'"
+    assert {"metrics.`arithmetic/greedy_accuracy`", "metrics.`arithmetic_ood/strict_greedy_accuracy`",
+            "metrics.`arithmetic/truncated_rate`"} <= set(view["selectedColumns"]), "the eval runs' own metric keys"
     saved = json.loads(Path(paths.report, "comparison.json").read_text())
     assert saved["table"]["arithmetic_ood"]["idft-hinted"]["vs_base"]["n"] == N
 

@@ -153,7 +153,7 @@ def test_prefect_server_deployment_worker_and_flow_run(project, tmp_path):
                 assert result.returncode == 0, (step, result.stdout[-3000:] + result.stderr[-3000:])
             if step.startswith("prefect --no-prompt deploy"):
                 deployments = {d["name"]: d for d in _post(f"{api}/deployments/filter", {})}
-                assert set(deployments) == {"nightly", "on-demand", "beta-sweep"}
+                assert set(deployments) == {"nightly", "on-demand", "beta-sweep", "shard"}
                 assert [s["schedule"]["cron"] for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
             if step.startswith("prefect deployment run"):  # the README's background worker, here polling once
                 worker_done = subprocess.run(["bash", str(SCRIPTS / "prefect_worker.sh"), "--run-once"], cwd=project, env=env,

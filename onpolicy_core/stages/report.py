@@ -72,6 +72,21 @@ def metric_key(cfg: ReportConfig, samples: int) -> str:
     return {"greedy": "greedy_accuracy", "avg@k": "avg_at_k", "pass@k": f"pass_at_{samples}"}[cfg.metric]
 
 
+COMPARISON_VIEW = "onpolicy-comparison"
+"""The MLflow runs-table view the report shares: every model's eval run, the same metric columns."""
+
+
+def comparison_view(benchmarks: list[str], key: str) -> dict:
+    """The shared view (MLflow's view-state fields): eval runs only, newest first, with the model's tags
+    and, per benchmark, the headline and strict accuracy and the truncation rate as columns."""
+    strict = "strict_avg_at_k" if key != "greedy_accuracy" else "strict_greedy_accuracy"
+    metrics = [f"{b}/{m}" for b in benchmarks for m in (key, strict, "truncated_rate")]
+    return {"searchFilter": "tags.`onpolicy.stage` = 'eval'", "orderByKey": "attributes.start_time", "orderByAsc": False,
+            "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "selectedColumns": [f"tags.`onpolicy.{t}`" for t in ("model", "method", "data")] + [f"metrics.`{m}`" for m in metrics],
+            "runsHiddenMode": "SHOW_ALL", "viewMaximized": False, "runListHidden": False}
+
+
 def per_problem(records: list[dict], metric: str, samples: int, strict: bool = False) -> dict[str, dict[str, float]]:
     """{benchmark: {problem_id: value}} of the headline metric: greedy correctness (0/1), the share of
     correct samples (Avg@k) or the unbiased pass@k estimate, from every graded response."""
@@ -425,10 +440,13 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
         headline = {f"{m}/{b}/{config['metric_key']}": c["estimate"]["value"] for b, cells in table.items()
                     for m, c in cells.items() if not math.isnan(c["estimate"]["value"])}
         run.log_metrics(headline)
+        view = run.share_view(COMPARISON_VIEW, comparison_view(benches, config["metric_key"]))
+        if view:
+            log.info("MLflow comparison view (every model, the same columns): <MLflow UI>/%s", view)
         if parent := os.environ.get("ONPOLICY_PARENT_RUN_ID"):
             # The pipeline run carries the comparison itself: one row of the runs table, every model.
             log_metrics_to(parent, headline, tracking)
             log_artifacts_to(parent, files, tracking, artifact_path="report")
-        write_run_record(out / "report", {"mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent})
+        write_run_record(out / "report", {"mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent, "mlflow_view": view})
     log.info("report: %d models x %d benchmarks -> %s", len(models), len(benches), out / "report.md")
     return comparison_json

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from onpolicy_core.config import (
     PathsConfig,
@@ -220,17 +222,32 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     data_file = training_file(paths, data)
     problems = read_problems(data_file)
     config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data}
-    with stage_run("train", config, tracking, run_name=f"train-{run}", inputs=[paths.model, data_file]) as handle:
+    # Under `accelerate launch` / torchrun (data parallel) every rank trains; rank 0 alone logs to
+    # MLflow and writes the outputs, and the other ranks wait for it, then return.
+    ranks = PartialState()
+    main = ranks.is_main_process
+    with stage_run("train", config, tracking if main else dataclasses.replace(tracking, enabled=False), run_name=f"train-{run}",
+                   inputs=[paths.model, data_file]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
         model, tokenizer = load_materialised(paths.model)
         summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
         fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.model)}
-        resume = _last_checkpoint(checkpoints, fingerprint)
+        with ranks.main_process_first():  # one rank claims (or discards) the checkpoint folder
+            resume = _last_checkpoint(checkpoints, fingerprint)
         if resume:
             log.info("resuming %s from %s", run, resume)
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
+        # Data parallel: each rank's copy of the weights must be the same after the last step.
+        checksum = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
+        checksums = gather_object([checksum]) if ranks.num_processes > 1 else [checksum]
+        if ranks.num_processes > 1:
+            summary["data_parallel"] = {"processes": ranks.num_processes, "backend": str(ranks.backend),
+                                        "weight_checksums": checksums, "ranks_agree": len(set(checksums)) == 1}
+        if not main:
+            ranks.wait_for_everyone()
+            return summary
         history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         # HF's training_loss averages only the steps of this process; after a resume, the mean over
         # the whole logged history (restored from the checkpoint) is the run's loss.
@@ -257,4 +274,5 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
             handle.log_artifacts(out / "model", artifact_path="model")
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("train %s: %d steps, loss %.4f -> %s", run, trainer.state.global_step, result.training_loss, out / "model")
+    ranks.wait_for_everyone()
     return summary | record
