@@ -166,12 +166,14 @@ class _PairState:
         return Decoded(tokens, self.finish or "length", self.lambdas, self.switched_at)
 
 
-def _generators(seeds: Sequence[int] | None, n: int, opts: DecodeOptions) -> list[torch.Generator | None]:
+def _generators(seeds: Sequence[int] | None, n: int, opts: DecodeOptions, device: torch.device | str = "cpu") -> list[torch.Generator | None]:
+    """One generator per pair on the model's device (torch.multinomial needs the generator where the
+    probabilities are); a seed gives the same samples on the same kind of device."""
     if opts.greedy:
         return [None] * n
     if seeds is None or len(seeds) != n:
         raise ValueError("sampling needs one seed per pair")
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +244,7 @@ def hinted_generate(
         raise ValueError("hinted_prompts and plain_prompts differ in length")
     n = len(hinted_prompts)
     device = next(model.parameters()).device
-    states = [_PairState(opts, set(eos_ids), decode, g) for g in _generators(seeds, n, opts)]
+    states = [_PairState(opts, set(eos_ids), decode, g) for g in _generators(seeds, n, opts, device)]
     # Prefill each stream on its own (hinted prompts are much longer than plain ones, so one
     # shared padding width would waste most of the work), then interleave the two caches.
     hint_logits, hint_cache, hint_mask, hint_pos = _prefill(model, hinted_prompts, pad_token_id, device)
@@ -291,8 +293,8 @@ def reference_generate(
     """The straightforward batch-1 method with the official control flow: two model handles (may be
     two copies), and by default no KV cache (the whole prefix recomputed every step). The ground
     truth for tests and the baseline of the benchmark."""
-    state = _PairState(opts, set(eos_ids), decode, _generators(None if seed is None else [seed], 1, opts)[0])
     device = next(hint_model.parameters()).device
+    state = _PairState(opts, set(eos_ids), decode, _generators(None if seed is None else [seed], 1, opts, device)[0])
     hint_ids, plain_ids = list(hinted_prompt), list(plain_prompt)
     caches = [None, None]
     while state.finish is None:

@@ -91,6 +91,7 @@ class HintedPairProcessor(LogitsProcessor):
 
         tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        self.device = device  # where the logits are: each pair's sampling generator lives there
         self.rows: dict[int, tuple[str, str]] = {}
         self.pairs: dict[str, _Pair] = {}
 
@@ -123,7 +124,7 @@ class HintedPairProcessor(LogitsProcessor):
             pair = self.pairs.get(key)
             if pair is None:
                 opts, mixing = _options(spec)
-                generator = None if opts.greedy else torch.Generator().manual_seed(int(spec["seed"]))
+                generator = None if opts.greedy else torch.Generator(device=self.device).manual_seed(int(spec["seed"]))
                 pair = self.pairs[key] = _Pair(key, _PairState(opts, set(spec["eos"]), self.decode, generator), mixing,
                                                int(spec["end"]))
             if role in pair.finished_roles:  # re-added after preemption: its partner ran on alone
