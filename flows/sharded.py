@@ -89,6 +89,7 @@ def fan_out(project_dir: str, argv: list[str], workers: int, deployment: str, re
     attempts = dict.fromkeys(range(workers), 1)
     history: dict[int, list[str]] = {i: [] for i in range(workers)}
     pending = set(runs)
+    waiting_warned: set[int] = set()
     with get_client(sync_client=True) as client:
         while pending:
             time.sleep(poll_s)
@@ -97,6 +98,11 @@ def fan_out(project_dir: str, argv: list[str], workers: int, deployment: str, re
                 if kind == StateType.COMPLETED.value:
                     pending.discard(i)
                     continue
+                if kind in (StateType.SCHEDULED.value, StateType.PENDING.value) and time.monotonic() - started[i] > 60 \
+                        and i not in waiting_warned:
+                    waiting_warned.add(i)
+                    logger.warning("shard %d of %d has waited over 60 s for a worker: is one running on the deployment's pool "
+                                   "(infra/scripts/prefect_worker.sh --limit 1)?", i, workers)
                 timed_out = time.monotonic() - started[i] > timeout_s
                 if kind not in (StateType.FAILED.value, StateType.CRASHED.value, StateType.CANCELLED.value) and not timed_out:
                     continue

@@ -175,11 +175,15 @@ def plot_diagnostics(log_history: list[dict], path: Path, title: str, ranges: di
     import numpy as np
 
     panels = [name for name in ("phi", "gamma") if f"idft/{name}_bin_0_ratio" in steps[0]]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 5 * len(panels), 3.6), squeeze=False)
-    axes = axes[0]
-    axes[0].plot([e["step"] for e in steps], [e["loss"] for e in steps], marker="o", ms=3)
-    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
-    for ax, name in zip(axes[1:], panels):
+    # The loss above, the IDFT heatmaps side by side below: under 900 px wide, so `dvc plots show`
+    # fits it in its page without cutting the right edge.
+    fig = plt.figure(figsize=(9.6, 6.8 if panels else 3.4))
+    layout = fig.add_gridspec(2 if panels else 1, max(1, len(panels)))
+    loss_ax = fig.add_subplot(layout[0, :])
+    loss_ax.plot([e["step"] for e in steps], [e["loss"] for e in steps], marker="o", ms=3)
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
+    for column, name in enumerate(panels):
+        ax = fig.add_subplot(layout[1, column])
         grid = np.array([[e[f"idft/{name}_bin_{b}_ratio"] for b in range(10)] for e in steps]).T
         low, high = ranges[name]
         image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
@@ -189,7 +193,7 @@ def plot_diagnostics(log_history: list[dict], path: Path, title: str, ranges: di
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return True
 
