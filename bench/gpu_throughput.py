@@ -24,7 +24,12 @@ SHAPES = {
 
 
 def build(name: str, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     shape = dict(SHAPES[name])
     arch = shape.pop("arch")
@@ -87,7 +92,7 @@ def main() -> None:
                        "examples_per_s": round(batch / seconds, 3)}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-        del model
+        model = None  # free it before the next shape
         torch.cuda.empty_cache() if device == "cuda" else None
     with open(args.out, "w") as fh:
         json.dump({"machine": facts, "results": results}, fh, indent=2)

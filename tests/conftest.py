@@ -138,6 +138,15 @@ def project(tmp_path):
     return make_project(tmp_path)
 
 
+def arithmetic_corpus(path: Path, n: int, min_steps: int, max_steps: int, max_operand: int, seed: int) -> Path:
+    """A JSONL file of `n` built-in arithmetic problems in the record format."""
+    from onpolicy_core.data.arithmetic import generate
+    from onpolicy_core.io import write_jsonl
+
+    write_jsonl(path, (p.to_dict() for p in generate(n, min_steps, max_steps, max_operand, seed=seed)))
+    return path
+
+
 def default_config(*overrides: str):
     """The project's params.yaml as the typed config (the one source of defaults), with overrides."""
     from onpolicy_core.config import default_params

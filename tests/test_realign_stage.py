@@ -7,11 +7,11 @@ import pytest
 
 from onpolicy_core import hinted
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import read_jsonl, write_jsonl
+from onpolicy_core.io import read_jsonl
 from onpolicy_core.models import load_materialised
 from onpolicy_core.prompts import render_hinted_prompt, render_prompt
 from onpolicy_core.stages import realign as realign_stage
-from tests.conftest import default_config, hinted_options
+from tests.conftest import arithmetic_corpus, default_config, hinted_options
 
 
 def _config(model_dir, *overrides):
@@ -22,9 +22,7 @@ def _config(model_dir, *overrides):
 
 @pytest.fixture
 def corpus(tmp_path):
-    path = tmp_path / "train.jsonl"
-    write_jsonl(path, (p.to_dict() for p in generate(5, 1, 4, 15, seed=9)))
-    return path
+    return arithmetic_corpus(tmp_path / "train.jsonl", 5, 1, 4, 15, seed=9)
 
 
 def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_dir):

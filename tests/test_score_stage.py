@@ -6,18 +6,15 @@ import pandas as pd
 import pytest
 
 from onpolicy_core import ddt
-from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import InputError, write_jsonl
+from onpolicy_core.io import InputError
 from onpolicy_core.stages import score as score_stage
 from onpolicy_core.stages.skeleton import partial_dir
-from tests.conftest import default_config
+from tests.conftest import arithmetic_corpus, default_config
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    path = tmp_path / "train.jsonl"
-    write_jsonl(path, (p.to_dict() for p in generate(10, 2, 3, 12, seed=5)))
-    return path
+    return arithmetic_corpus(tmp_path / "train.jsonl", 10, 2, 3, 12, seed=5)
 
 
 def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, embedded_model_dir):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
-import shlex
 import subprocess
 import time
 import urllib.request

@@ -14,7 +14,7 @@ from onpolicy_core.stages import eval as eval_stage
 from onpolicy_core.stages import realign as realign_stage
 from onpolicy_core.stages import score as score_stage
 from onpolicy_core.stages.skeleton import Shard, partial_dir, run_record_path
-from tests.conftest import default_config
+from tests.conftest import arithmetic_corpus, default_config
 
 REALIGN_FILES = ("records.jsonl", "train.jsonl", "summary.json", "metrics.json")
 SCORE_FILES = ("scores.parquet", "selected.jsonl", "summary.json", "metrics.json", "phi.png")
@@ -23,9 +23,7 @@ EVAL_FILES = ("records.parquet", "summary.json", "metrics.json")
 
 @pytest.fixture
 def corpus(tmp_path):
-    path = tmp_path / "train.jsonl"
-    write_jsonl(path, (p.to_dict() for p in generate(5, 2, 2, 9, seed=11)))
-    return path
+    return arithmetic_corpus(tmp_path / "train.jsonl", 5, 2, 2, 9, seed=11)
 
 
 def _same_files(a, b, names):

@@ -25,9 +25,9 @@ from onpolicy_core.config import (
     ModelConfig,
     PathsConfig,
     TrackingConfig,
+    output_settings,
     parse_run,
     run_group,
-    output_settings,
     run_seed,
     to_dict,
 )

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from onpolicy_core import ddt
 from onpolicy_core.config import (
     PathsConfig,
-    output_settings,
     RealignConfig,
     RealignVariant,
     TrackingConfig,
+    output_settings,
     to_dict,
 )
 from onpolicy_core.generation import stop_token_ids
@@ -52,8 +52,8 @@ from onpolicy_core.stages.skeleton import (
     model_stage,
     n_units,
     publish,
-    take_shard_records,
     shard_timing,
+    take_shard_records,
     write_run_record,
 )
 

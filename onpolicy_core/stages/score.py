@@ -11,7 +11,13 @@ import numpy as np
 from tqdm import tqdm
 
 from onpolicy_core import ddt
-from onpolicy_core.config import PathsConfig, ScoreConfig, TrackingConfig, output_settings, to_dict
+from onpolicy_core.config import (
+    PathsConfig,
+    ScoreConfig,
+    TrackingConfig,
+    output_settings,
+    to_dict,
+)
 from onpolicy_core.io import (
     InputError,
     ShardedResults,
