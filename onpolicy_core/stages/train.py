@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -83,6 +84,9 @@ def _common_args(cfg: TrainCommon, out: Path, tracking: TrackingConfig) -> dict:
         report_to=["mlflow"] if tracking.enabled else [],
         disable_tqdm=False,
         dataloader_num_workers=0,
+        # Several processes and no GPU (torchrun / accelerate on CPUs): transformers only joins them
+        # over gloo when told to use the CPU; a single process keeps its own device choice.
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         **_precision(cfg),
     )
 
@@ -228,14 +232,14 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data}
     # Under `accelerate launch` / torchrun (data parallel) every rank trains; rank 0 alone logs to
     # MLflow and writes the outputs, and the other ranks wait for it, then return.
-    ranks = PartialState()
-    main = ranks.is_main_process
+    main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK in every process
     with stage_run("train", config, tracking if main else dataclasses.replace(tracking, enabled=False), run_name=f"train-{run}",
                    inputs=[paths.model, data_file]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
         model, tokenizer = load_materialised(paths.model)
         summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
+        ranks = PartialState()  # as the trainer's arguments configured it
         fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.model)}
         with ranks.main_process_first():  # one rank claims (or discards) the checkpoint folder
             resume = _last_checkpoint(checkpoints, fingerprint)
