@@ -111,17 +111,21 @@ def measure_stages(args, tmp: Path, settings: list[str], hf: list[str], results:
         print(f"{label:13s} {examples:4d} ex {tokens:6d} tok  {rec['seconds']:7.1f} s compute  {wall:6.1f} s wall  "
               f"{tokens / rec['seconds']:7.1f} tok/s  shard overhead {empty:5.1f} s", flush=True)
 
-    # 4. one process vs 2 shards + merge on the same input (HF realign): same bytes, the cost of sharding
-    one = _out(tmp, "realign", "hinted")
+    # 4. one process vs 2 shards + merge on the same input (HF realign, 8 problems per unit so each shard
+    #    holds half the units): same bytes, and the ratio is the cost of sharding
+    units8 = hf + ["realign.work_unit=8"]
+    cmd = ["realign", "--variant", "hinted", "--output", f"{tmp}/realign/units8"]
+    whole = run(cmd, settings + units8)
+    one = _out(tmp, "realign", "units8")
     saved = {f: (one / f).read_bytes() for f in ("records.jsonl", "train.jsonl", "summary.json")}
-    walls = [run(["realign", "--variant", "hinted", "--shard", str(i), "--num-shards", "2"], settings + hf) for i in range(2)]
-    merge_wall = run(["realign", "--variant", "hinted", "--merge"], settings + hf)
+    walls = [run([*cmd, "--shard", str(i), "--num-shards", "2"], settings + units8) for i in range(2)]
+    merge_wall = run([*cmd, "--merge"], settings + units8)
     same = all((one / f).read_bytes() == b for f, b in saved.items())
-    whole = results["throughput"]["realign_hf"]["wall_s"]
-    results["sharded_vs_one"] = {"one_process_wall_s": whole, "shard_walls_s": [round(w, 1) for w in walls], "merge_wall_s": round(merge_wall, 1),
-                                 "ratio": round((sum(walls) + merge_wall) / whole, 2), "identical_bytes": same}
-    print(f"realign, one process {whole:.1f} s vs 2 shards in sequence {sum(walls):.1f} s + merge {merge_wall:.1f} s: "
-          f"{(sum(walls) + merge_wall) / whole:.2f}x, identical bytes: {same}", flush=True)
+    results["sharded_vs_one"] = {"one_process_wall_s": round(whole, 1), "shard_walls_s": [round(w, 1) for w in walls],
+                                 "merge_wall_s": round(merge_wall, 1), "ratio": round((sum(walls) + merge_wall) / whole, 2),
+                                 "identical_bytes": same}
+    print(f"realign (units of 8), one process {whole:.1f} s vs 2 shards one after the other {walls[0]:.1f} + {walls[1]:.1f} s "
+          f"+ merge {merge_wall:.1f} s: {(sum(walls) + merge_wall) / whole:.2f}x, identical bytes: {same}", flush=True)
 
     return [json.loads(line) for line in (one / "records.jsonl").read_text().splitlines()]
 
@@ -178,7 +182,16 @@ def table(scale_json: Path, gpu_json: Path) -> str:
     def fmt(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
-    lines = ["| worker (rate, fixed cost per shard) | " + " | ".join(f"{n // 1000}k x {w}" for n in sizes for w in workers) + " |",
+    head = ["| stage (one worker) | items | tokens | compute s | items/s | tokens/s | fixed cost per shard, s |", "|---|---|---|---|---|---|---|"]
+    for label, t in cpu["throughput"].items():
+        head.append(f"| {label} | {t['examples']} | {t['tokens']} | {t['compute_s']} | {t['examples_per_s']} | {t['tokens_per_s']} | "
+                    f"{cpu['shard_overhead_s'][label]} |")
+    side = cpu.get("sharded_vs_one")
+    if side:
+        head.append(f"\nSharded vs one process: one process {side['one_process_wall_s']} s; shards {' + '.join(map(str, side['shard_walls_s']))} s "
+                    f"+ merge {side['merge_wall_s']} s = {side['ratio']}x the work, identical bytes: {side['identical_bytes']}.")
+    head.append(f"Merge: {', '.join(f'{k} rows {v} s' for k, v in sorted(merges.items()))}.\n")
+    lines = head + ["| worker (rate, fixed cost per shard) | " + " | ".join(f"{n // 1000}k x {w}" for n in sizes for w in workers) + " |",
              "|---|" + "---|" * (len(sizes) * len(workers))]
     for label, rate, fixed in rows:
         cells = [fmt(fixed + n / (w * rate) + v1 + per_row * (n - k1)) for n in sizes for w in workers]

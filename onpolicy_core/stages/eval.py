@@ -223,7 +223,7 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         shards_run = take_shard_records(out) if merge else {}
         timing = shard_timing(shards_run)
         # Throughput of the work done now: units read back from a killed run's checkpoints cost no time here.
-        busy, made = (timing["shard_seconds_total"], sum(r.get("generated_tokens", 0) for r in shards_run.values())) if merge \
+        busy, made = (timing["shard_seconds_total"], sum(r.get("generated_tokens", 0) for r in shards_run.values())) if timing \
             else (seconds, new_tokens)
         record = {"seconds": round(seconds, 1), "tokens_per_second": round(made / busy, 1) if made and busy else None,
                   "mlflow_run_id": stage.run.run_id, "mlflow_parent_run_id": parent, **timing, "shards": shards_run}
