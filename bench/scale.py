@@ -190,7 +190,7 @@ def table(scale_json: Path, gpu_json: Path) -> str:
     if side:
         head.append(f"\nSharded vs one process: one process {side['one_process_wall_s']} s; shards {' + '.join(map(str, side['shard_walls_s']))} s "
                     f"+ merge {side['merge_wall_s']} s = {side['ratio']}x the work, identical bytes: {side['identical_bytes']}.")
-    head.append(f"Merge: {', '.join(f'{k} rows {v} s' for k, v in sorted(merges.items()))}.\n")
+    head.append(f"\nMerge: {', '.join(f'{k} rows {v} s' for k, v in sorted(merges.items()))}.\n")
     lines = head + ["| worker (rate, fixed cost per shard) | " + " | ".join(f"{n // 1000}k x {w}" for n in sizes for w in workers) + " |",
              "|---|" + "---|" * (len(sizes) * len(workers))]
     for label, rate, fixed in rows:
