@@ -84,7 +84,8 @@ def main() -> None:
         if "mlflow.sharedViewState.onpolicy-comparison" in tags:
             url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?viewStateShareKey=onpolicy-comparison"
         else:
-            query = urllib.parse.urlencode({"searchFilter": "tags.`onpolicy.stage` = 'eval'", "compareRunsMode": "TABLE"})
+            query = urllib.parse.urlencode({"searchFilter": "tags.`onpolicy.stage` = 'eval'", "compareRunsMode": "TABLE",
+                                            "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"})
             url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

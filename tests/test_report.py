@@ -101,6 +101,8 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
     experiment = mlflow.MlflowClient().get_experiment_by_name("test-report")
     view = json.loads(experiment.tags["mlflow.sharedViewState.onpolicy-comparison"])  # what the UI opens by ?viewStateShareKey=
     assert view["searchFilter"] == "tags.`onpolicy.stage` = 'eval'"
+    # Ordered by date, MLflow's table folds trained models' eval runs under their collapsed parents.
+    assert view["orderByKey"] != "attributes.start_time", "every model's eval run is a row of its own"
     assert {"metrics.`arithmetic/greedy_accuracy`", "metrics.`arithmetic_ood/strict_greedy_accuracy`",
             "metrics.`arithmetic/truncated_rate`"} <= set(view["selectedColumns"]), "the eval runs' own metric keys"
     saved = json.loads(Path(paths.report, "comparison.json").read_text())

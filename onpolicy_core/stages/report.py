@@ -77,11 +77,13 @@ COMPARISON_VIEW = "onpolicy-comparison"
 
 
 def comparison_view(benchmarks: list[str], key: str) -> dict:
-    """The shared view (MLflow's view-state fields): eval runs only, newest first, with the model's tags
-    and, per benchmark, the headline and strict accuracy and the truncation rate as columns."""
+    """The shared view (MLflow's view-state fields): eval runs only, by run name (eval-base, eval-<method>-<data>),
+    with the model's tags and, per benchmark, the headline and strict accuracy and the truncation rate as
+    columns. Ordered by name, not by date: MLflow's table nests child runs under their (collapsed) parents
+    only when ordered by date, and a trained model's eval run is a child of its training run."""
     strict = "strict_avg_at_k" if key != "greedy_accuracy" else "strict_greedy_accuracy"
     metrics = [f"{b}/{m}" for b in benchmarks for m in (key, strict, "truncated_rate")]
-    return {"searchFilter": "tags.`onpolicy.stage` = 'eval'", "orderByKey": "attributes.start_time", "orderByAsc": False,
+    return {"searchFilter": "tags.`onpolicy.stage` = 'eval'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
             "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
             "selectedColumns": [f"tags.`onpolicy.{t}`" for t in ("model", "method", "data")] + [f"metrics.`{m}`" for m in metrics],
             "runsHiddenMode": "SHOW_ALL", "viewMaximized": False, "runListHidden": False}
