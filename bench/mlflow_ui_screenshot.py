@@ -89,7 +89,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        "--window-size=1800,900", "--virtual-time-budget=20000", f"--screenshot={args.out}", url],
+                        "--window-size=2560,900", "--virtual-time-budget=20000", f"--screenshot={args.out}", url],
                        check=True, capture_output=True, timeout=180)
         print(f"runs table of {len(rows)} models ({url}) -> {args.out}")
     finally:
