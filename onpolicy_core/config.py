@@ -30,9 +30,12 @@ from onpolicy_core.options import (
     EAFTOptions,
     FieldMap,
     IDFTOptions,
+    LMHead,
     MixingOptions,
     NoCorrectPolicy,
     PreferenceMethod,
+    ScoreLayout,
+    ScorePrecisionSetting,
     TokenMethod,
     VLLMOptions,
 )
@@ -145,11 +148,17 @@ class ScoreConfig:
     temperature: float
     """tau: the temperature of the model distribution that phi is measured against."""
     max_tokens_per_batch: int
-    """Token budget (prompt + response, padded) of one forward pass; examples are sorted by length."""
+    """Token budget of one batch (prompt + response; padded layout: padded width x rows); examples are sorted by length."""
     max_batch_size: int
     """Most examples in one forward pass."""
     chunk_size: int
     """Response positions per LM-head chunk, bounding the vocabulary-sized temporaries."""
+    layout: ScoreLayout
+    """unpadded (CPU): each row at its own length, memory flat in batch size; padded (GPU): one
+    right-padded forward per batch."""
+    precision: ScorePrecisionSetting
+    """fp32, bf16 (autocast matmuls: faster on bf16 hardware; phi moves by the amount docs/performance.md
+    gives) or auto (bf16 where the GPU or CPU computes it natively, AVX512-BF16/AMX; else fp32)."""
     thresholds: list[float]
     """Per example, the share of tokens with phi above each threshold is reported."""
     select_threshold: float | None
@@ -387,6 +396,9 @@ class TrainCommon:
     """Gradient clipping."""
     gradient_checkpointing: bool
     """Trade compute for activation memory."""
+    lm_head: LMHead
+    """Token-weighted methods: "full" logits (faster here) or TRL's "fused" head (less memory on long
+    sequences); EAFT always reads the full logits (its top-K entropy)."""
     precision: Literal["auto", "bf16", "fp32"]
     """'auto' (bf16 on a GPU that supports it, else fp32), 'bf16' or 'fp32'."""
     seed: int

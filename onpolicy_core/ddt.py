@@ -6,21 +6,26 @@ p_tau is the model's next-token distribution at temperature tau and H_tau its en
 sampled from p_tau itself E[phi_t | context] = 0, so the mean phi of a response measures how far it
 sits from the model's own distribution (strongly negative: text the model would not write).
 
-Pure tensor code: no files, no tracking. The batched scorer runs the backbone once per batch, keeps
-only the hidden states that predict response tokens (the LM head never sees prompt positions),
-and projects them through the LM head in chunks of positions, so the vocabulary-sized temporaries
-are `chunk_size x vocab`, independent of batch size and length. The log-softmax/entropy math of each
+Pure tensor code: no files, no tracking. The batched scorer runs a shared prompt prefix once, then
+the backbone over each row at its own length (no padding; or one padded forward, for GPUs), keeps
+only the hidden states that predict response tokens (the LM head never sees prompt positions), and
+projects them through the LM head in chunks of positions, so the vocabulary-sized temporaries are
+`chunk_size x vocab`, independent of batch size and length. The log-softmax/entropy math of each
 chunk is TRL's `selective_log_softmax_and_entropy` (a fused Triton kernel on GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from trl.trainer.utils import selective_log_softmax_and_entropy
+
+from onpolicy_core.options import ScoreLayout as Layout
+from onpolicy_core.options import ScorePrecision as Precision
 
 MIN_SHARED_PREFIX = 8
 
@@ -59,6 +64,13 @@ def _lm_head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tenso
     return logits
 
 
+def _autocast(device: torch.device, precision: Precision):
+    """bf16 autocast of the matmuls (CPUs with AVX512-BF16/AMX, GPUs); the softmax math stays fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def score_batch(
     model: torch.nn.Module,
@@ -67,12 +79,20 @@ def score_batch(
     temperature: float = 1.0,
     chunk_size: int = 256,
     pad_token_id: int = 0,
+    layout: Layout = "unpadded",
+    precision: Precision = "fp32",
 ) -> list[TokenScores]:
     """Teacher-forced log p, entropy (and so phi) of every response token, for a batch of pairs.
 
-    Rows are right-padded: with causal attention, padding after a sequence cannot change the
-    scores of its own tokens, so a pair scores the same alone or in any batch (up to float
-    rounding). A shared prompt prefix is run once. A response of zero tokens gets empty tensors.
+    layout "unpadded" (CPU default): each row runs through the backbone at its own length, with
+    explicit position ids and no pad tokens, so attention takes the causal fast path and no work
+    is spent on padding; the response positions of all rows then go through the LM head in chunks.
+    Memory is one row's activations plus one chunk, whatever the batch size.
+    layout "padded" (GPUs): one right-padded forward for the whole batch (with causal attention,
+    padding after a sequence cannot change its own tokens' scores).
+
+    Either way a pair scores the same alone or in any batch (up to float rounding), a shared
+    prompt prefix is run once, and a response of zero tokens gets empty tensors.
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError("prompt_ids and response_ids differ in length")
@@ -85,45 +105,90 @@ def score_batch(
     # last position must be run to predict the first response token.
     shared = min(_common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1)
     shared = shared if shared >= MIN_SHARED_PREFIX and len(inputs) > 1 else 0
-    width = max(len(x) for x in inputs) - shared
     device = next(model.parameters()).device
-    input_ids = torch.full((len(inputs), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(inputs), width), dtype=torch.long)
-    targets = torch.full((len(inputs), width), -100, dtype=torch.long)
-    for row, (p, r, x) in enumerate(zip(prompt_ids, response_ids, inputs)):
-        rest = x[shared:]
-        input_ids[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
-        attention[row, : len(rest)] = 1
-        if r:  # position len(p)-1+j (of the full row) predicts response token j
-            start = len(p) - 1 - shared
-            targets[row, start : start + len(r)] = torch.tensor(list(r), dtype=torch.long)
-    mask = targets != -100
-    out_logp = torch.zeros(int(mask.sum()), dtype=torch.float32)
+    lengths = [len(r) for r in response_ids]
+    out_logp = torch.zeros(sum(lengths), dtype=torch.float32)
     out_entropy = torch.zeros_like(out_logp)
-    if mask.any():
-        backbone_kwargs: dict = {"use_cache": False}
+    if not out_logp.numel():
+        return [TokenScores(out_logp[:0], out_entropy[:0]) for _ in lengths]
+    labels = torch.tensor([t for r in response_ids for t in r], dtype=torch.long, device=device)
+    cache = None
+    with _autocast(device, precision):
         if shared:
             cache = DynamicCache(config=model.config)
             model.base_model(input_ids=torch.tensor([list(prompt_ids[0][:shared])], device=device),
                              past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(len(inputs))
-            attention = torch.cat([torch.ones((len(inputs), shared), dtype=torch.long), attention], dim=1)
-            positions = torch.arange(shared, shared + width).expand(len(inputs), width)
-            backbone_kwargs = {"past_key_values": cache, "use_cache": True, "position_ids": positions.to(device)}
-        hidden = model.base_model(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), **backbone_kwargs
-        ).last_hidden_state
-        selected = hidden[mask.to(device)]
-        labels = targets[mask].to(device)
-        for start in range(0, selected.shape[0], chunk_size):
-            logits = _lm_head_logits(model, selected[start : start + chunk_size]).float()
-            logp, entropy = selective_log_softmax_and_entropy(
-                logits, labels[start : start + chunk_size], entropy_requires_grad=False, temperature=temperature
-            )
-            out_logp[start : start + chunk_size] = logp.cpu()
-            out_entropy[start : start + chunk_size] = entropy.cpu()
-    lengths = [len(r) for r in response_ids]
+        if layout == "padded":
+            hidden_rows = [_padded_backbone(model, inputs, prompt_ids, response_ids, shared, cache, pad_token_id, device)]
+        else:
+            hidden_rows = (_row_backbone(model, x, len(p), len(r), shared, cache, device)
+                           for x, p, r in zip(inputs, prompt_ids, response_ids) if r)
+        # The LM head and the vocabulary-sized softmax run over chunks of response positions,
+        # gathered across rows, so a chunk is `chunk_size x vocab` whatever the row lengths.
+        pending: list[torch.Tensor] = []
+        waiting = done = 0
+        for block in hidden_rows:
+            pending.append(block)
+            waiting += block.shape[0]
+            while waiting >= chunk_size:
+                joined = torch.cat(pending)
+                done = _head_chunk(model, joined[:chunk_size], labels, done, temperature, out_logp, out_entropy)
+                pending, waiting = [joined[chunk_size:]], waiting - chunk_size
+        if waiting:
+            done = _head_chunk(model, torch.cat(pending), labels, done, temperature, out_logp, out_entropy)
     return [TokenScores(lp, ent) for lp, ent in zip(out_logp.split(lengths), out_entropy.split(lengths))]
+
+
+def _head_chunk(model, hidden: torch.Tensor, labels: torch.Tensor, done: int, temperature: float,
+                out_logp: torch.Tensor, out_entropy: torch.Tensor) -> int:
+    """log p and entropy of one chunk of response positions, written at `done`; returns the new offset."""
+    n = hidden.shape[0]
+    logits = _lm_head_logits(model, hidden).float()
+    logp, entropy = selective_log_softmax_and_entropy(
+        logits, labels[done : done + n], entropy_requires_grad=False, temperature=temperature
+    )
+    out_logp[done : done + n] = logp.cpu()
+    out_entropy[done : done + n] = entropy.cpu()
+    return done + n
+
+
+def _row_backbone(model, row: list[int], prompt_len: int, response_len: int, shared: int,
+                  cache: DynamicCache | None, device: torch.device) -> torch.Tensor:
+    """Hidden states of one row's response-predicting positions (position prompt_len-1+j predicts
+    response token j), the row run alone after the shared prefix (the cache is cut back after)."""
+    rest = torch.tensor([row[shared:]], device=device)
+    kwargs: dict = {"use_cache": False}
+    if cache is not None:
+        positions = torch.arange(shared, len(row), device=device)[None]
+        kwargs = {"past_key_values": cache, "use_cache": True, "position_ids": positions}
+    hidden = model.base_model(input_ids=rest, **kwargs).last_hidden_state[0]
+    if cache is not None:
+        cache.crop(-rest.shape[1])  # back to the shared prefix
+    start = prompt_len - 1 - shared
+    return hidden[start : start + response_len]
+
+
+def _padded_backbone(model, inputs, prompt_ids, response_ids, shared: int, cache: DynamicCache | None,
+                     pad_token_id: int, device: torch.device) -> torch.Tensor:
+    """Hidden states of every response-predicting position of a right-padded batch, in row order."""
+    width = max(len(x) for x in inputs) - shared
+    input_ids = torch.full((len(inputs), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(inputs), width), dtype=torch.long)
+    mask = torch.zeros((len(inputs), width), dtype=torch.bool)
+    for row, (p, r, x) in enumerate(zip(prompt_ids, response_ids, inputs)):
+        rest = x[shared:]
+        input_ids[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+        attention[row, : len(rest)] = 1
+        start = len(p) - 1 - shared
+        mask[row, start : start + len(r)] = True
+    kwargs: dict = {"use_cache": False}
+    if cache is not None:
+        cache.batch_repeat_interleave(len(inputs))
+        attention = torch.cat([torch.ones((len(inputs), shared), dtype=torch.long), attention], dim=1)
+        positions = torch.arange(shared, shared + width).expand(len(inputs), width)
+        kwargs = {"past_key_values": cache, "use_cache": True, "position_ids": positions.to(device)}
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs).last_hidden_state
+    return hidden[mask.to(device)]
 
 
 @torch.no_grad()
@@ -169,6 +234,8 @@ def score_pairs(
     max_batch_size: int = 8,
     pad_token_id: int = 0,
     on_batch=None,
+    layout: Layout = "unpadded",
+    precision: Precision = "fp32",
 ) -> list[TokenScores]:
     """`score_batch` over any number of (prompt, response) pairs, batched by length; results in
     input order. `on_batch(n_examples, n_tokens)` is called after each batch (progress bars)."""
@@ -176,7 +243,8 @@ def score_pairs(
     lengths = [len(p) + len(r) for p, r in pairs]
     for batch in length_batches(lengths, max_tokens_per_batch, max_batch_size):
         scores = score_batch(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch],
-                             temperature=temperature, chunk_size=chunk_size, pad_token_id=pad_token_id)
+                             temperature=temperature, chunk_size=chunk_size, pad_token_id=pad_token_id,
+                             layout=layout, precision=precision)
         for i, s in zip(batch, scores):
             out[i] = s
         if on_batch is not None:

@@ -38,6 +38,12 @@ def make_vllm_engine(model_dir: str, options: VLLMOptions, dtype: str, seed: int
     except ImportError as exc:
         raise BackendUnavailable(VLLM_MISSING) from exc
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+    # vLLM's CPU auto-binding reserves a core per rank for its scheduler, which on a small machine
+    # leaves the model half the cores (2 -> 1 here). Bind its OpenMP threads to every core this
+    # process may use instead; a user's own VLLM_CPU_OMP_THREADS_BIND still wins.
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")

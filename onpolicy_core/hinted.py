@@ -40,6 +40,7 @@ Pure tensor code: no files, no tracking.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
@@ -192,6 +194,103 @@ class _Logits:
     logits: torch.Tensor
 
 
+# --- Decoding kernels -------------------------------------------------------------------------------
+# Two costs grow with batch x cache length at every decode step of a left-padded batch, and on CPU
+# they, not the matmuls, made batch 32 slower per token than batch 16:
+# 1. transformers' DynamicLayer appends a step by `torch.cat`, copying every row's whole past;
+# 2. with a padding mask, transformers' SDPA path repeats grouped K/V heads (`repeat_kv`, 3x the
+#    cache for SmolLM2) because CUDA's masked SDPA lacks GQA.
+# `_GrowingLayer` writes each step into spare capacity (amortised growth), and the decode-step
+# attention below reads the grouped K/V heads in place. Both are written here because neither
+# transformers nor torch offers them for a masked, left-padded CPU batch.
+
+GROUPED_DECODE = "onpolicy_grouped_decode"
+
+
+def _grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, **kwargs):
+    """Attention of one new token per row against grouped K/V heads without repeating them:
+    query [B, H, 1, D] is viewed as [B, Hkv, H/Hkv, D]. Other shapes go to transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, q_len, dim = query.shape
+    groups = key.shape[1]
+    if q_len != 1 or groups == heads or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else dim ** -0.5
+    q = query.reshape(batch, groups, heads // groups, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scale  # [B, Hkv, H/Hkv, L]
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1:, : key.shape[-2]]  # [B, 1, 1, L]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [B, Hkv, H/Hkv, D]
+    return out.reshape(batch, 1, heads, dim), None
+
+
+def _register_grouped_decode() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(GROUPED_DECODE, _grouped_decode_attention)
+    AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+
+
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values live in a buffer with spare capacity: a step is
+    written in place, and the buffer grows by half when full. `keys`/`values` are views of it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.length = keys.shape[-2]
+        self._k, self._v = self._with_room(keys), self._with_room(values)
+        self._views()
+
+    def _with_room(self, t: torch.Tensor) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[-2] = self.length + max(64, self.length // 2)
+        buf = t.new_empty(shape)
+        buf[..., : t.shape[-2], :] = t
+        return buf
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[..., : self.length, :], self._v[..., : self.length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.length + n > self._k.shape[-2]:
+            self._k, self._v = self._with_room(self.keys), self._with_room(self.values)
+        self._k[..., self.length : self.length + n, :] = key_states
+        self._v[..., self.length : self.length + n, :] = value_states
+        self.length += n
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length -= abs(tokens_to_remove)
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+        self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
+
+
+def _growing(cache: DynamicCache) -> DynamicCache:
+    """`cache` with every layer moved into a `_GrowingLayer` (the source tensors are released)."""
+    for index, layer in enumerate(cache.layers):
+        cache.layers[index] = _GrowingLayer(layer.keys, layer.values)
+        layer.keys = layer.values = None
+    return cache
+
+
 def _prefill(model, prompts: Sequence[Sequence[int]], pad_token_id: int, device):
     """Forward left-padded prompts into a fresh cache: (last logits, cache, mask, last positions)."""
     input_ids, attention = left_pad(prompts, pad_token_id, device)
@@ -251,6 +350,7 @@ def hinted_generate(
     plain_logits, plain_cache, plain_mask, plain_pos = _prefill(model, plain_prompts, pad_token_id, device)
     cache, attention = _interleave_caches(model, hint_cache, plain_cache, hint_mask, plain_mask)
     del hint_cache, plain_cache
+    cache = _growing(cache)
     positions = torch.stack([hint_pos, plain_pos], dim=1).reshape(2 * n, 1)
     out = _Logits(torch.stack([hint_logits, plain_logits], dim=1).reshape(2 * n, 1, -1))
     active = list(range(n))  # pair index of each live pair, in batch order
@@ -272,9 +372,31 @@ def hinted_generate(
         step_ids = tokens.repeat_interleave(2)[:, None].to(device)
         attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
         positions = positions + 1
-        out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+        with _attention(model, GROUPED_DECODE):
+            out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
     return [s.result() for s in states]
+
+
+@contextlib.contextmanager
+def _attention(model, name: str):
+    """Run `model` with the attention function registered as `name`, then restore its own."""
+    config = model.config
+    own = config._attn_implementation
+    if own != "sdpa":  # eager, flash-attention, ...: the user's choice stays
+        yield
+        return
+    if name not in _REGISTERED:
+        _register_grouped_decode()
+        _REGISTERED.add(name)
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
+
+
+_REGISTERED: set[str] = set()
 
 
 @torch.no_grad()
@@ -291,15 +413,18 @@ def reference_generate(
     use_cache: bool = False,
 ) -> Decoded:
     """The straightforward batch-1 method with the official control flow: two model handles (may be
-    two copies), and by default no KV cache (the whole prefix recomputed every step). The ground
-    truth for tests and the baseline of the benchmark."""
+    two copies), by default no KV cache (the whole prefix recomputed every step), and after the
+    answer marker only the plain stream runs. The ground truth for tests and the bench baseline."""
     device = next(hint_model.parameters()).device
     state = _PairState(opts, set(eos_ids), decode, _generators(None if seed is None else [seed], 1, opts, device)[0])
     hint_ids, plain_ids = list(hinted_prompt), list(plain_prompt)
     caches = [None, None]
     while state.finish is None:
         logits = []
-        for k, (model, ids) in enumerate(((hint_model, hint_ids), (plain_model, plain_ids))):
+        streams = ((hint_model, hint_ids), (plain_model, plain_ids))
+        for k, (model, ids) in enumerate(streams):
+            if k == 0 and state.phase == PLAIN:
+                continue  # lambda is 1 from here on: the hinted stream is not needed
             if use_cache:
                 if caches[k] is None:
                     caches[k] = DynamicCache(config=model.config)
@@ -310,7 +435,7 @@ def reference_generate(
             else:
                 out = model(input_ids=torch.tensor([ids], device=device), use_cache=False)
             logits.append(out.logits[:, -1, :])
-        logprobs, lam = mix_step(logits[0], logits[1], torch.tensor([state.phase]), mixing)
+        logprobs, lam = mix_step(logits[0], logits[-1], torch.tensor([state.phase]), mixing)
         token = int(sample(logprobs, opts, [state.generator])[0])
         state.push(token, float(lam[0]))
         hint_ids.append(token)

@@ -12,6 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# --- DDT scoring (ddt.py; paper Sec. 3) ----------------------------------------------------------------
+
+ScoreLayout = Literal["unpadded", "padded"]
+"""How a batch meets the backbone: "unpadded" runs each row at its own length with position ids and
+no pad tokens (CPU: no work on padding, the causal fast path, memory flat in batch size); "padded"
+runs one right-padded forward per batch (GPUs, where one wide kernel beats many narrow ones)."""
+ScorePrecision = Literal["fp32", "bf16"]
+"""Matmul precision of scoring: "bf16" autocasts the model's matmuls (faster where the hardware has
+bf16 units: AVX512-BF16/AMX CPUs, GPUs); softmax and entropy stay fp32. It moves phi by the amount
+`bench/ddt_scoring.py` prints on real data."""
+ScorePrecisionSetting = Literal["auto", "fp32", "bf16"]
+"""`score.precision`: "auto" is bf16 where the hardware computes it natively, else fp32."""
+
+# --- Training (training/sft.py) -------------------------------------------------------------------------
+
+LMHead = Literal["full", "fused"]
+"""How the token-weighted trainer gets log p and entropy: "full" logits with a float32 softmax over the
+vocabulary (fastest at SmolLM2's vocabulary and the default lengths, bench/train_losses.py), or TRL's
+"fused" head (tiles, never the full logits: the memory saver for long sequences and large vocabularies)."""
+
 # --- Hinted Decoding (hinted.py, hinted_vllm.py; paper Sec. 4) ---------------------------------------
 
 LambdaMode = Literal["linear", "sigmoid", "piecewise"]

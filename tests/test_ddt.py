@@ -18,10 +18,11 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
 RESPONSES = [[20, 21, 22, 23, 24], [25, 26], [27, 28, 29, 30, 31, 32, 33, 34]]
 
 
+@pytest.mark.parametrize("layout", ["unpadded", "padded"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
 @pytest.mark.parametrize("chunk_size", [1, 3, 256])
-def test_batched_scores_equal_the_full_softmax_reference(tiny_model, temperature, chunk_size):
-    batched = score_batch(tiny_model, PROMPTS, RESPONSES, temperature=temperature, chunk_size=chunk_size)
+def test_batched_scores_equal_the_full_softmax_reference(tiny_model, temperature, chunk_size, layout):
+    batched = score_batch(tiny_model, PROMPTS, RESPONSES, temperature=temperature, chunk_size=chunk_size, layout=layout)
     for p, r, got in zip(PROMPTS, RESPONSES, batched):
         ref = reference_scores(tiny_model, p, r, temperature)
         torch.testing.assert_close(got.logp, ref.logp, atol=1e-5, rtol=1e-5)
@@ -29,13 +30,34 @@ def test_batched_scores_equal_the_full_softmax_reference(tiny_model, temperature
         torch.testing.assert_close(got.phi, ref.logp + ref.entropy, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_and_batch_composition_do_not_change_an_example(tiny_model):
-    alone = score_batch(tiny_model, PROMPTS[:1], RESPONSES[:1])[0]
+@pytest.mark.parametrize("layout", ["unpadded", "padded"])
+def test_padding_and_batch_composition_do_not_change_an_example(tiny_model, layout):
+    alone = score_batch(tiny_model, PROMPTS[:1], RESPONSES[:1], layout=layout)[0]
     for others in ([1], [2, 1], [1, 2]):
         batch_p = [PROMPTS[i] for i in others] + PROMPTS[:1]
         batch_r = [RESPONSES[i] for i in others] + RESPONSES[:1]
-        again = score_batch(tiny_model, batch_p, batch_r, pad_token_id=3)[-1]
+        again = score_batch(tiny_model, batch_p, batch_r, pad_token_id=3, layout=layout)[-1]
         torch.testing.assert_close(again.phi, alone.phi, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["unpadded", "padded"])
+def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(tiny_model, layout):
+    """Prompts that share a chat header (>= 8 tokens) reuse its keys and values: same scores as alone."""
+    header = list(range(40, 52))
+    prompts = [header + p for p in PROMPTS]
+    batched = score_batch(tiny_model, prompts, RESPONSES, chunk_size=4, layout=layout)
+    for p, r, got in zip(prompts, RESPONSES, batched):
+        ref = reference_scores(tiny_model, p, r)
+        torch.testing.assert_close(got.phi, ref.logp + ref.entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_scores_stay_close_to_fp32(tiny_model):
+    """bf16 autocast moves phi by float rounding only (the bench prints the size on real data)."""
+    fp32 = score_batch(tiny_model, PROMPTS, RESPONSES)
+    bf16 = score_batch(tiny_model, PROMPTS, RESPONSES, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert b.phi.dtype == torch.float32
+        torch.testing.assert_close(b.phi, a.phi, atol=0.05, rtol=0.02)
 
 
 def test_zero_token_response_is_handled(tiny_model):

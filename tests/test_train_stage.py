@@ -177,3 +177,35 @@ def test_a_trained_model_is_identified_by_its_content(tiny_project, tmp_path):
     assert json.loads(first)["weights_sha256"] == weights_sha256(folder)
     train_stage.run_train(_cfg(max_steps=1, seed=3, learning_rate=1e-2), paths, OFF, "sft-original")
     assert model_identity(folder) != first, "a retrained model at the same path is another model to eval's resume"
+
+
+@pytest.mark.parametrize("method", ["sft", "idft"])
+def test_full_and_fused_lm_heads_give_the_same_loss_and_gradient(method):
+    """`train.common.lm_head` picks a speed/memory trade-off, never a different loss."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from onpolicy_core.losses import token_loss, token_weights
+    from onpolicy_core.training.sft import _logit_outputs
+
+    model = make_tiny_model(vocab_size=64, seed=3)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(2, 64, (3, 12), generator=gen)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[2, 9:] = -100  # a shorter row
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    idft = BASE.train.idft
+
+    def loss_and_grad(outputs):
+        w = token_weights(method, outputs.log_probs, outputs.entropy, lam=1.0, idft=idft, vocab_size=64)
+        loss = token_loss(method, outputs.log_probs, w, outputs.label_mask, None)
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full = loss_and_grad(_logit_outputs(model, dict(inputs), None))
+    fused = loss_and_grad(model(**inputs, use_cache=False, fused_lm_head=True))
+    torch.testing.assert_close(full[0], fused[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(full[1], fused[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from onpolicy_core.io import (
     write_json,
     write_jsonl,
 )
+from onpolicy_core.models import bf16_native
 from onpolicy_core.prompts import encode_pair, render_prompt
 from onpolicy_core.stages.skeleton import (
     Shard,
@@ -81,7 +83,8 @@ def score_records(model, tokenizer, problems: list[dict], cfg: ScoreConfig, resp
     def score_shard(chunk: list[dict]) -> list[dict]:
         pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p["question"]), p[response_field]) for p in chunk]
         scores = ddt.score_pairs(model, pairs, cfg.temperature, cfg.chunk_size, cfg.max_tokens_per_batch,
-                                 cfg.max_batch_size, tokenizer.pad_token_id or 0, on_batch=progress)
+                                 cfg.max_batch_size, tokenizer.pad_token_id or 0, on_batch=progress,
+                                 layout=cfg.layout, precision=cfg.precision)
         return [
             {
                 "id": p["id"],
@@ -199,6 +202,9 @@ def run_score(
     problems = _read_scorable(input_path, response_field)
     name = out.name
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
+    # "auto" is settled here, once, and is part of the fingerprint: a resume on other hardware starts over.
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_native() else "fp32")
+    cfg = dataclasses.replace(cfg, precision=precision)
     fingerprint = {"score": output_settings(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
     with model_stage("score", config, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
                      inputs=[paths.model, input_path], run_name=f"score-{name}", shard=shard, merge=merge) as stage:
@@ -219,6 +225,7 @@ def run_score(
         summary = summarise(rows, cfg)
         ids, rule = select(rows, cfg)
         summary["selection"] = rule
+        summary["precision"] = cfg.precision
         shards_run = take_shard_records(out) if merge else {}
         timing = {"seconds": round(seconds, 2), **shard_timing(shards_run)}
         busy = timing.get("shard_seconds_total", seconds)  # a merge's own seconds are only the reading back

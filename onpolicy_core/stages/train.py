@@ -110,7 +110,7 @@ def _sft_trainer(method: str, cfg: TrainConfig, model, tokenizer, problems: list
     summary["examples"] = len(rows)
     return TokenWeightedSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        peft_config=_peft_config(cfg.common), method=method, idft=cfg.idft, eaft=cfg.eaft,
+        peft_config=_peft_config(cfg.common), method=method, idft=cfg.idft, eaft=cfg.eaft, lm_head=cfg.common.lm_head,
     )
 
 

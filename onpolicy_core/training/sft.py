@@ -1,9 +1,9 @@
 """TRL `SFTTrainer` with the token-weighted loss family of `onpolicy_core.losses` (sft, dft, eaft,
 eaft_full, idft).
 
-Only `compute_loss` changes: it reads TRL's fused LM head outputs (per-token `log_probs`, `entropy`,
-`label_mask`, computed in tiles without the logits; EAFT reads the full logits for its top-K
-entropy), weights each token, and records the IDFT
+Only `compute_loss` changes: it reads per-token `log_probs`, `entropy` and `label_mask`, from the
+full logits (`lm_head: full`, and always for EAFT's top-K entropy) or from TRL's fused LM head (tiles,
+no full logits), weights each token, and records the IDFT
 diagnostics of the official trainer (lambda; mean/std/min/max/median of phi and gamma; their 10-bin
 histograms over [-3 beta, 3 beta] and [gamma_min, gamma_max]). Everything else (data collation,
 optimisation, checkpointing, resume) is TRL's and transformers'.
@@ -27,12 +27,12 @@ from onpolicy_core.losses import (
     token_weights,
     topk_entropy,
 )
-from onpolicy_core.options import EAFTOptions, IDFTOptions, TokenMethod
+from onpolicy_core.options import EAFTOptions, IDFTOptions, LMHead, TokenMethod
 
 
-def _logit_outputs(model, inputs: dict, top_k: int) -> SimpleNamespace:
-    """The fused head's per-token fields plus the top-K entropy, from the full logits (EAFT needs
-    the K largest logits, which the fused head does not return)."""
+def _logit_outputs(model, inputs: dict, top_k: int | None) -> SimpleNamespace:
+    """The fused head's per-token fields, from the full logits, plus the top-K entropy when `top_k`
+    is given (EAFT needs the K largest logits, which the fused head does not return)."""
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
     logits = out.logits[:, :-1].float()
     labels = inputs["labels"][:, 1:].to(logits.device)
@@ -42,20 +42,21 @@ def _logit_outputs(model, inputs: dict, top_k: int) -> SimpleNamespace:
     with torch.no_grad():
         entropy = -(log_softmax.exp() * log_softmax).sum(-1)
         is_top1 = logits.argmax(-1) == labels
-        top = topk_entropy(logits, top_k)
+        top = topk_entropy(logits, top_k) if top_k else None
     return SimpleNamespace(log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask, top_k_entropy=top)
 
 
 class TokenWeightedSFTTrainer(SFTTrainer):
     """SFT whose per-token loss is -w_t log p_t with a detached weight chosen by `method`."""
 
-    def __init__(self, *args, method: TokenMethod, idft: IDFTOptions | None, eaft: EAFTOptions | None, **kwargs):
+    def __init__(self, *args, method: TokenMethod, idft: IDFTOptions | None, eaft: EAFTOptions | None,
+                 lm_head: LMHead = "full", **kwargs):
         if method not in get_args(TokenMethod):
             raise ValueError(f"method must be one of {get_args(TokenMethod)}, got {method!r}")
         if (method == "idft" and idft is None) or (method == "eaft" and eaft is None):
             raise ValueError(f"method {method!r} needs its options")
         super().__init__(*args, **kwargs)
-        self.method, self.idft, self.eaft = method, idft, eaft
+        self.method, self.idft, self.eaft, self.lm_head = method, idft, eaft, lm_head
         self._last_log = (time.perf_counter(), 0)
 
     def idft_lambda_now(self) -> float:
@@ -70,6 +71,8 @@ class TokenWeightedSFTTrainer(SFTTrainer):
         inputs["use_cache"] = False
         if self.method == "eaft":
             outputs = _logit_outputs(model, inputs, self.eaft.top_k)
+        elif self.lm_head == "full":
+            outputs = _logit_outputs(model, inputs, None)
         else:
             outputs = model(**inputs, fused_lm_head=True)
         mask = outputs.label_mask
