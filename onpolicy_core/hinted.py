@@ -238,18 +238,18 @@ def _register_grouped_decode() -> None:
 
 class _GrowingLayer(DynamicLayer):
     """A KV-cache layer whose keys and values live in a buffer with spare capacity: a step is
-    written in place, and the buffer grows by half when full. `keys`/`values` are views of it."""
+    written in place, and the buffer grows by `room` positions when full. `keys`/`values` are views."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.length = keys.shape[-2]
+        self.length, self.room = keys.shape[-2], room
         self._k, self._v = self._with_room(keys), self._with_room(values)
         self._views()
 
     def _with_room(self, t: torch.Tensor) -> torch.Tensor:
         shape = list(t.shape)
-        shape[-2] = self.length + max(64, self.length // 2)
+        shape[-2] = self.length + self.room
         buf = t.new_empty(shape)
         buf[..., : t.shape[-2], :] = t
         return buf
@@ -283,10 +283,11 @@ class _GrowingLayer(DynamicLayer):
         self._views()
 
 
-def _growing(cache: DynamicCache) -> DynamicCache:
-    """`cache` with every layer moved into a `_GrowingLayer` (the source tensors are released)."""
+def _growing(cache: DynamicCache, room: int) -> DynamicCache:
+    """`cache` with every layer moved into a `_GrowingLayer` with `room` free positions (then grown by
+    as many at a time); the source tensors are released layer by layer."""
     for index, layer in enumerate(cache.layers):
-        cache.layers[index] = _GrowingLayer(layer.keys, layer.values)
+        cache.layers[index] = _GrowingLayer(layer.keys, layer.values, room)
         layer.keys = layer.values = None
     return cache
 
@@ -350,7 +351,9 @@ def hinted_generate(
     plain_logits, plain_cache, plain_mask, plain_pos = _prefill(model, plain_prompts, pad_token_id, device)
     cache, attention = _interleave_caches(model, hint_cache, plain_cache, hint_mask, plain_mask)
     del hint_cache, plain_cache
-    cache = _growing(cache)
+    # Room for the whole decode up to 256 tokens, so short decodes never regrow (the capacity a
+    # longer one adds is at most 256 positions ahead of use).
+    cache = _growing(cache, room=min(opts.max_new_tokens, 256))
     positions = torch.stack([hint_pos, plain_pos], dim=1).reshape(2 * n, 1)
     out = _Logits(torch.stack([hint_logits, plain_logits], dim=1).reshape(2 * n, 1, -1))
     active = list(range(n))  # pair index of each live pair, in batch order
