@@ -20,22 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     GSM8K_TRAIN,
+    emit,
     gsm8k,
     machine_facts,
     model_dir,
     print_facts,
     rss_mb,
+    run_worker,
     save_results,
 )
 
@@ -116,18 +115,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.steps, args.batch, args.worker[1])))
+        spec = json.loads(args.worker)
+        emit(worker(spec["method"], spec["steps"], spec["batch"], spec["model"]))
         return
     facts = machine_facts()
     print_facts(facts)
     folder = str(model_dir())
     results = {}
     for method in ("sft:full", "sft:fused", "idft:full", "idft:fused", "idft-naive"):
-        cmd = [sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch), "--worker", method, folder]
-        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        r = run_worker(__file__, {"method": method, "steps": args.steps, "batch": args.batch, "model": folder})
         results[method] = r
         print(f"{method:10s}: {r['s_per_step']:6.2f} s/step  peak {r['peak_mb']:6.0f} MB", flush=True)
     base = results["sft:full"]
