@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from onpolicy_core import hinted
 from onpolicy_core.hinted import (
     FIRST,
     MIX,
@@ -38,16 +39,25 @@ def _reference(model, opts, i, **kw):
     return reference_generate(model, model, HINTED[i], PLAIN_PROMPTS[i], *opts, [1], decode, **kw)
 
 
+@pytest.mark.parametrize("prefill_rows", [True, False], ids=["rows", "batched"])
 @pytest.mark.parametrize("beta", [0.0, 0.8, 3.0])
-def test_batched_greedy_equals_the_batch1_no_cache_reference(model, beta):
+def test_batched_greedy_equals_the_batch1_no_cache_reference(model, beta, prefill_rows):
     opts = hinted_options(beta=beta, greedy=True, max_new_tokens=24, answer_marker=None)
-    batched = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode, pad_token_id=0)
+    batched = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode, pad_token_id=0, prefill_rows=prefill_rows)
     for i, got in enumerate(batched):
         ref = _reference(model, opts, i)
         assert got.token_ids == ref.token_ids
         assert got.finish_reason == ref.finish_reason
         assert got.lambdas == pytest.approx(ref.lambdas, abs=1e-5)
         assert _reference(model, opts, i, use_cache=True).token_ids == ref.token_ids
+
+
+def test_a_cache_that_outgrows_its_room_decodes_the_same(model, monkeypatch):
+    """The in-place cache regrows by DECODE_ROOM positions when full (here every 5 tokens)."""
+    opts = hinted_options(beta=0.8, greedy=True, max_new_tokens=24, answer_marker=None)
+    monkeypatch.setattr(hinted, "DECODE_ROOM", 5)
+    for got, i in zip(hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], decode), range(3)):
+        assert got.token_ids == _reference(model, opts, i).token_ids
 
 
 NO_GUARD = dict(repetition_window=10**6)  # the tiny random model repeats itself; these tests are about other things
