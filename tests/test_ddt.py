@@ -42,7 +42,8 @@ def test_padding_and_batch_composition_do_not_change_an_example(tiny_model, layo
 
 @pytest.mark.parametrize("layout", ["unpadded", "padded"])
 def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(tiny_model, layout):
-    """Prompts that share a chat header (>= 8 tokens) reuse its keys and values: same scores as alone."""
+    """Prompts that share a chat header (>= 8 tokens, and here >= 10% of each row) reuse its keys
+    and values: the same scores as alone."""
     header = list(range(40, 52))
     prompts = [header + p for p in PROMPTS]
     batched = score_batch(tiny_model, prompts, RESPONSES, chunk_size=4, layout=layout)
