@@ -91,8 +91,8 @@ def score_batch(
     Memory is one row's activations plus one chunk, whatever the batch size. The chat header
     shared by all prompts runs once when it is at least MIN_SHARED_FRACTION of the mean row: its
     cache needs an attention mask, which takes SDPA off the causal fast path, and that costs more
-    than it saves on long rows (measured on this CPU: ~1,000-token answers 10% slower and +126 MB
-    at batch 8 with the header shared; ~120-token answers faster with it).
+    than it saves on long rows (measured on this CPU: ~1,000-token answers 10% slower at batch 8
+    with the header shared; ~120-token answers faster with it).
     layout "padded" (GPUs): a shared prompt prefix runs once, then one right-padded forward for the
     whole batch (with causal attention, padding after a sequence cannot change its own tokens' scores).
 
