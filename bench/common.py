@@ -2,7 +2,7 @@
 
 Protocol (docs/performance.md): each variant runs in its own process (its peak RSS is its own), is
 warmed up on the same inputs first, and is timed as the median of `--reps` (>= 5) repetitions on
-identical inputs. Machine facts say what the hardware allows: threads and the measured matmul rate,
+identical inputs; where memory is compared, a second process measures it (`run_variant`). Machine facts say what the hardware allows: threads and the measured matmul rate,
 so a throughput can be read as a fraction of the compute bound.
 """
 
@@ -112,6 +112,20 @@ def run_worker(script: str, spec: dict, env: dict | None = None) -> dict:
     if not lines:
         sys.exit(f"error: variant {spec} printed no result line:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return json.loads(lines[-1][len(RESULT):])
+
+
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+"""glibc with a fixed 1 MB mmap threshold: freed blocks go back to the OS, so peak RSS follows live
+memory. With the default (dynamic) threshold the same call's peak varied by 130 MB between runs."""
+
+
+def run_variant(script: str, spec: dict, env: dict | None = None) -> dict:
+    """A variant twice, each in its own process: timed (`spec["reps"]`) with the default allocator,
+    then one repetition under MEMORY_ENV (slower, not timed) for its peak memory."""
+    timed = run_worker(script, spec, env)
+    measured = run_worker(script, {**spec, "reps": 1}, {**(env or {}), **MEMORY_ENV})
+    return {**timed, "peak_mb": measured["peak_mb"], "above_model_mb": measured["above_model_mb"],
+            "peak_mb_default_allocator": timed["peak_mb"]}
 
 
 RESULT = "RESULT "

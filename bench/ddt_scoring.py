@@ -9,11 +9,12 @@
 
 Two answer lengths: `short`, the GSM8K train solutions as they are (~120 tokens), and `long`,
 ~1,000-token answers made of consecutive GSM8K train solutions joined (real text, no padding
-tricks). Protocol of bench/common.py: own process per variant, warm-up, median of --reps.
-Prints tokens/s, the fraction of the fp32 compute bound, peak memory above the loaded model, the
-ratio to `official`, and each variant's max |phi - phi_official| on the same tokens.
+tricks). Protocol of bench/common.py: own process per variant, warm-up, median of --reps, peak
+memory from a second process with a fixed allocator threshold (`run_variant`). Prints tokens/s,
+the fraction of the fp32 compute bound, peak memory above the loaded model, the ratio to
+`official`, and each variant's max |phi - phi_official| on the same tokens.
 
-    .venv/bin/python bench/ddt_scoring.py                 # both lengths, every variant (~10 min)
+    .venv/bin/python bench/ddt_scoring.py                 # both lengths, every variant (~25 min)
     .venv/bin/python bench/ddt_scoring.py --lengths short --reps 5
 """
 
@@ -35,7 +36,7 @@ from common import (  # noqa: E402
     model_dir,
     print_facts,
     rss_mb,
-    run_worker,
+    run_variant,
     save_results,
 )
 
@@ -132,7 +133,7 @@ def main() -> None:
         official = None
         for method, batch, layout, precision in VARIANTS[length]:
             phi_out = scratch / f"{length}-{method}-{batch}-{layout}-{precision}.pt"
-            r = run_worker(__file__, {"method": method, "length": length, "n": n, "batch": batch, "layout": layout,
+            r = run_variant(__file__, {"method": method, "length": length, "n": n, "batch": batch, "layout": layout,
                                       "precision": precision, "reps": args.reps, "model": folder, "phi_out": str(phi_out)})
             saved = torch.load(phi_out)
             phi, lengths = saved["phi"], saved["lengths"]

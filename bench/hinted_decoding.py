@@ -15,7 +15,7 @@ variant does the same work (tokens are compared with `official` on the shared pr
 bench/common.py: own process per variant, a warm-up (the same prompts, 4 new tokens), median of
 --reps. Tokens/s is a rate, so the slow batch-1 loops run on the first problems only.
 
-    .venv/bin/python bench/hinted_decoding.py                  # ~15 min on 2 cores
+    .venv/bin/python bench/hinted_decoding.py                  # ~19 min on 2 cores
     .venv/bin/python bench/hinted_decoding.py --batches 16,32 --skip official,vllm
 """
 
@@ -36,7 +36,7 @@ from common import (  # noqa: E402
     model_dir,
     print_facts,
     rss_mb,
-    run_worker,
+    run_variant,
     save_results,
 )
 
@@ -137,7 +137,7 @@ def main() -> None:
     for method, n, batch in plan:
         if method in skip:
             continue
-        r = run_worker(__file__, {"method": method, "n": n, "batch": batch, "new_tokens": args.new_tokens,
+        r = run_variant(__file__, {"method": method, "n": n, "batch": batch, "new_tokens": args.new_tokens,
                                   "reps": args.reps, "model": folder})
         results.append(r)
         print(f"{method:9s} b{batch:<3d} {r['pairs_done']:3d} pairs: {r['tok_s']:7.2f} tok/s, {r['tok_per_cpu_s']:6.2f} tok/CPU-s, "
