@@ -2,8 +2,9 @@
 
 Protocol (docs/performance.md): each variant runs in its own process (its peak RSS is its own), is
 warmed up on the same inputs first, and is timed as the median of `--reps` (>= 5) repetitions on
-identical inputs; where memory is compared, a second process measures it (`run_variant`). Machine facts say what the hardware allows: threads and the measured matmul rate,
-so a throughput can be read as a fraction of the compute bound.
+identical inputs; where memory is compared, a second process measures it (`run_variant`). Machine
+facts say what the hardware allows: threads and the measured matmul rate, so a throughput can be
+read as a fraction of the compute bound.
 """
 
 from __future__ import annotations

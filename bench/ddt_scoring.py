@@ -134,7 +134,7 @@ def main() -> None:
         for method, batch, layout, precision in VARIANTS[length]:
             phi_out = scratch / f"{length}-{method}-{batch}-{layout}-{precision}.pt"
             r = run_variant(__file__, {"method": method, "length": length, "n": n, "batch": batch, "layout": layout,
-                                      "precision": precision, "reps": args.reps, "model": folder, "phi_out": str(phi_out)})
+                                       "precision": precision, "reps": args.reps, "model": folder, "phi_out": str(phi_out)})
             saved = torch.load(phi_out)
             phi, lengths = saved["phi"], saved["lengths"]
             official = official or (r, phi)

@@ -13,7 +13,7 @@
 Greedy, EOS and the repetition guard off, so every pair decodes exactly --new-tokens tokens and every
 variant does the same work (tokens are compared with `official` on the shared problems). Protocol of
 bench/common.py: own process per variant, a warm-up (the same prompts, 4 new tokens), median of
---reps. Tokens/s is a rate, so the slow batch-1 loops run on the first problems only.
+--reps, peak memory from a second process (`run_variant`). Tokens/s is a rate, so the slow batch-1 loops run on the first problems only.
 
     .venv/bin/python bench/hinted_decoding.py                  # ~19 min on 2 cores
     .venv/bin/python bench/hinted_decoding.py --batches 16,32 --skip official,vllm
@@ -138,7 +138,7 @@ def main() -> None:
         if method in skip:
             continue
         r = run_variant(__file__, {"method": method, "n": n, "batch": batch, "new_tokens": args.new_tokens,
-                                  "reps": args.reps, "model": folder})
+                                   "reps": args.reps, "model": folder})
         results.append(r)
         print(f"{method:9s} b{batch:<3d} {r['pairs_done']:3d} pairs: {r['tok_s']:7.2f} tok/s, {r['tok_per_cpu_s']:6.2f} tok/CPU-s, "
               f"peak {r['peak_mb']:6d} MB (+{r['above_model_mb']:5d} over the loaded model or tokenizer)", flush=True)
