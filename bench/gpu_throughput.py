@@ -64,7 +64,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     facts = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "dtype": str(dtype)}
-    opts = DecodeOptions(temperature=0.3, top_p=0.95, greedy=False, max_new_tokens=args.new_tokens, answer_marker=None,
+    opts = DecodeOptions(temperature=0.3, top_p=0.95, greedy=False, max_new_tokens=args.new_tokens, answer_marker=None, marker_scope="rest",
                          repetition_window=10, repetition_count=10**9)
     mixing = MixingOptions(beta=0.5, lambda_mode="linear", sigmoid_center=0.5, piecewise_bounds=(0.3, 0.7))
     results = []

@@ -72,7 +72,7 @@ def main() -> None:
     if not (model / "config.json").is_file():
         model = tmp / "model"
         run(["model"], settings + [f"paths.model={model}"])
-    settings.append(f"paths.model={model}")
+    settings += [f"paths.model={model}", f"paths.policy={model}"]
     run(["data"], settings)
     hf = ["realign.backend=hf"]
     results: dict = {"machine": facts, "throughput": {}, "shard_overhead_s": {}, "merge": {}}

@@ -104,6 +104,17 @@ def data(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
 
 @app.command()
+def prime(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Prime the model into the answer format (model.prime) and write the starting policy that every
+    later stage uses; compares the raw and the primed model on held-out primer problems."""
+    from onpolicy_core.stages.prime import run_prime
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_prime(p.model, p.data, p.paths, p.tracking)
+
+
+@app.command()
 def score(
     input: Annotated[Path, typer.Option(help="JSONL records to score (default: the data stage's train split).")] = None,
     output: Annotated[Path, typer.Option(help="Output folder (default: <paths.score>/<input file stem>).")] = None,

@@ -49,6 +49,44 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class PrimeConfig:
+    """Priming (stage `prime`): a short plain SFT that teaches the loaded model the answer format
+    (`\\boxed{}` and EOS) before any other stage uses it, on primer problems disjoint from every data
+    split. The primed model is the starting policy of realign, score, train and eval (`base`)."""
+
+    enabled: Literal["auto", "on", "off"]
+    """'auto': on for the embedded model, off for hub and local models (which usually answer in the
+    format already); 'on' / 'off' force it."""
+    source: str
+    """'arithmetic' (the built-in generator under `seed`, with data.arithmetic's steps and numbers) or a
+    .jsonl/.parquet file in the record format; questions found in a data split are dropped."""
+    n: int
+    """Primer problems trained on."""
+    seed: int
+    """Generator seed of the primer problems (keep it apart from data.seed) and the training seed."""
+    learning_rate: float
+    """Peak learning rate of the priming SFT."""
+    epochs: float
+    """Passes over the primer problems."""
+    batch_size: int
+    """Sequences per optimizer step."""
+    max_length: int
+    """Longest tokenised prompt + solution."""
+    check_n: int
+    """Held-out primer problems on which the raw and the primed model are compared (greedy)."""
+    check_max_new_tokens: int
+    """Longest response in that comparison (one cut here counts as truncated)."""
+
+    def __post_init__(self) -> None:
+        if self.source != "arithmetic" and not self.source.endswith((".jsonl", ".parquet")):
+            raise ConfigError(f"model.prime.source must be 'arithmetic' or a .jsonl/.parquet file, got {self.source!r}")
+        if min(self.n, self.batch_size, self.max_length, self.check_n, self.check_max_new_tokens) < 1:
+            raise ConfigError("model.prime needs n, batch_size, max_length, check_n and check_max_new_tokens >= 1")
+        if self.learning_rate <= 0 or self.epochs <= 0:
+            raise ConfigError("model.prime needs learning_rate > 0 and epochs > 0")
+
+
+@dataclass
 class ModelConfig:
     """Which model every stage uses, materialised once into a plain Hugging Face folder."""
 
@@ -61,6 +99,8 @@ class ModelConfig:
     """Allow the model's own Python code from the hub. Off unless you trust the repository."""
     dtype: Literal["float32", "bfloat16", "float16"]
     """dtype of the saved weights."""
+    prime: PrimeConfig
+    """Priming into the answer format before every later stage (stage `prime`)."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -204,6 +244,10 @@ class AnalysisConfig:
             raise ConfigError("realign.analysis needs a non-empty marker and max_new_tokens >= 1")
 
 
+StepCheckMode = Literal["none", "arithmetic"]
+"""Task-specific verification of a realigned response's steps: 'arithmetic' checks every `a op b = c`
+exactly, as one running total (grading.check_arithmetic_steps: the built-in arithmetic task); "none"
+checks only the final answer (what that misses: docs/paper_map.md)."""
 RealignVariant = Literal["self_distill", "hinted"]
 """self_distill: pure hinted decoding (linear mixing, beta 0); hinted: mixing with realign.mixing.hinted."""
 TrainData = Literal["original", "self_distill", "hinted"]
@@ -239,6 +283,9 @@ class RealignConfig:
     """Realigned responses that fail strict verification (see `stages/realign.py`: EOS, a \\boxed{}
     answer equal to the gold one under math-verify, no repetition): keep them, drop the example, or
     fall back to the original solution."""
+    step_check: StepCheckMode
+    """Also check the worked steps of each realigned response (see StepCheckMode); a failure is the
+    rejection reason `wrong_step`."""
     seed: int
     """Sampling seed; each example's stream is seeded from (seed, id), independent of batching."""
     analysis: AnalysisConfig
@@ -545,6 +592,11 @@ class PathsConfig:
 
     model: str
     """The materialised Hugging Face model folder."""
+    policy: str
+    """The starting policy every later stage loads: the primed model, or the materialised model's files
+    when priming is off (stage `prime`)."""
+    prime: str
+    """summary.json and metrics.json of the prime stage (raw vs primed model)."""
     data: str
     """train.jsonl, eval.jsonl, val.jsonl and summary.json of the data stage."""
     score: str

@@ -24,7 +24,12 @@ wrong, each deliberate:
 4. Mixing is vectorised per pair (the official broadcast is only right for batch 1).
 5. Answer marker: detected on the joint decode of the generated ids (the official concatenates
    one-token decodes; identical for ASCII markers such as `\\boxed{`). The token that completes the
-   marker still comes from the mixture; from the next step on only the plain stream decides.
+   marker still comes from the mixture; from the next step on only the plain stream decides. The
+   official demo keeps it so to the end (`marker_scope: rest`). A policy that boxes intermediate
+   values ("the initial number is $\\boxed{15}$") then loses the hint after its first step, so the
+   default (`marker_scope: box`) hands the decision back to the mixture once the marker's brace
+   closes, and re-arms at the next box: every boxed value is the plain stream's own, the reasoning
+   between boxes keeps its hint (docs/paper_map.md).
 6. Lambda modes: linear clamp(beta*h, 0, 1); sigmoid sigmoid(beta*(h - centre)); piecewise 0 below
    h1, 1 above h2, linear between. Only linear with beta = 0 is pure hinted generation
    ("self-distillation"); sigmoid with beta = 0 gives 0.5 and piecewise ignores beta, as officially.
@@ -68,7 +73,9 @@ class Decoded:
     lambdas: list[float] = field(default_factory=list)
     """lambda of every mixing step (not the hinted-only first token nor the plain-only tail)."""
     switched_at: int | None = None
-    """Index of the token that completed the answer marker (None if it never appeared)."""
+    """Index of the token that completed the last answer marker (None if it never appeared)."""
+    switches: int = 0
+    """How many times the answer marker handed the decision to the plain stream."""
 
     @property
     def mean_lambda(self) -> float | None:
@@ -140,7 +147,23 @@ class _PairState:
         self.phase = FIRST
         self.switched_at: int | None = None
         self.finish: str | None = None
+        self.switches = 0
         self._runs: Counter = Counter()  # occurrences of each `repetition_window`-token run so far
+        self._search_from = 0  # a marker is looked for in tokens from here on (after the last closed box)
+        self._marker_window = 0  # where the tokens holding the current marker begin
+
+    def _tail(self, marker: str) -> int:
+        return max(self._search_from, len(self.tokens) - (len(marker) + 16))
+
+    def _box_closed(self, marker: str) -> bool:
+        """Has the brace the marker opened been closed by the tokens since?"""
+        text = self.decode(self.tokens[self._marker_window:])
+        depth = 1
+        for ch in text[text.find(marker) + len(marker):]:
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0:
+                return True
+        return False
 
     def push(self, token: int, lam: float) -> None:
         if self.phase == MIX:
@@ -150,8 +173,12 @@ class _PairState:
             self.finish = "eos"
             return
         marker = self.opts.answer_marker
-        if self.phase != PLAIN and marker and marker in self.decode(self.tokens[-(len(marker) + 16):]):
+        if self.phase != PLAIN and marker and marker in self.decode(self.tokens[self._tail(marker):]):
+            self._marker_window = self._tail(marker)
             self.phase, self.switched_at = PLAIN, len(self.tokens) - 1
+            self.switches += 1
+        elif self.phase == PLAIN and self.opts.marker_scope == "box" and self._box_closed(marker):
+            self.phase, self._search_from = MIX, len(self.tokens)
         elif self.phase == FIRST:
             self.phase = MIX
         o = self.opts
@@ -166,7 +193,7 @@ class _PairState:
 
     def result(self) -> Decoded:
         tokens = self.tokens[:-1] if self.finish == "eos" else self.tokens
-        return Decoded(tokens, self.finish or "length", self.lambdas, self.switched_at)
+        return Decoded(tokens, self.finish or "length", self.lambdas, self.switched_at, self.switches)
 
 
 def _generators(seeds: Sequence[int] | None, n: int, opts: DecodeOptions, device: torch.device | str = "cpu") -> list[torch.Generator | None]:
@@ -407,23 +434,22 @@ def reference_generate(
 ) -> Decoded:
     """The straightforward batch-1 method with the official control flow: two model handles (may be
     two copies), by default no KV cache (the whole prefix recomputed every step), and after the
-    answer marker only the plain stream runs. The ground truth for tests and the bench baseline."""
+    answer marker only the plain stream runs (until the box closes, under marker_scope 'box'). The
+    ground truth for tests and the bench baseline."""
     device = next(hint_model.parameters()).device
     state = _PairState(opts, set(eos_ids), decode, _generators(None if seed is None else [seed], 1, opts, device)[0])
     hint_ids, plain_ids = list(hinted_prompt), list(plain_prompt)
-    caches = [None, None]
+    caches, fed = [None, None], [0, 0]  # each stream's cache and how many of its ids it holds
     while state.finish is None:
         logits = []
         streams = ((hint_model, hint_ids), (plain_model, plain_ids))
         for k, (model, ids) in enumerate(streams):
             if k == 0 and state.phase == PLAIN:
-                continue  # lambda is 1 from here on: the hinted stream is not needed
+                continue  # lambda is 1 here: the hinted stream is not needed
             if use_cache:
                 if caches[k] is None:
                     caches[k] = DynamicCache(config=model.config)
-                    feed = ids
-                else:
-                    feed = ids[-1:]
+                feed, fed[k] = ids[fed[k]:], len(ids)  # after a skipped stretch: every id it missed
                 out = model(input_ids=torch.tensor([feed], device=device), past_key_values=caches[k], use_cache=True)
             else:
                 out = model(input_ids=torch.tensor([ids], device=device), use_cache=False)

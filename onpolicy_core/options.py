@@ -35,6 +35,11 @@ vocabulary (fastest at SmolLM2's vocabulary and the default lengths, bench/train
 # --- Hinted Decoding (hinted.py, hinted_vllm.py; paper Sec. 4) ---------------------------------------
 
 LambdaMode = Literal["linear", "sigmoid", "piecewise"]
+MarkerScope = Literal["box", "rest"]
+"""After the answer marker: "box" lets the plain stream decide only until the marker's brace closes,
+then the hint mixes in again (re-armed at every box, so a boxed intermediate value does not drop the
+hint for the rest of the solution); "rest" is the official demo: the plain stream decides everything
+after the first marker."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ class DecodeOptions:
     max_new_tokens: int
     """Longest response; one cut here finishes with 'length'."""
     answer_marker: str | None
-    """Once generated, decoding continues from the plain stream alone; None disables the switch."""
+    """Once generated, the plain stream alone decides (see `marker_scope`); None disables the switch."""
+    marker_scope: MarkerScope
+    """How long the plain stream decides after the marker (see MarkerScope)."""
     repetition_window: int
     """Repetition guard (rolling, checked after every token): a run of this many tokens ..."""
     repetition_count: int
@@ -87,6 +94,8 @@ class DecodeOptions:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
         if self.max_new_tokens < 1 or self.repetition_window < 1 or self.repetition_count < 2:
             raise ValueError("max_new_tokens and repetition_window must be >= 1, repetition_count >= 2")
+        if self.marker_scope == "box" and self.answer_marker and not self.answer_marker.endswith("{"):
+            raise ValueError(f"marker_scope 'box' needs an answer_marker that opens a brace (like '\\boxed{{'), got {self.answer_marker!r}")
 
 
 # --- Token-weighted SFT losses (losses.py, training/sft.py; paper Sec. 5) -------------------------

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.service
 
 def test_accelerate_launch_two_cpu_processes_trains_one_model(tmp_path, embedded_model_dir):
     write_jsonl(tmp_path / "data" / "train.jsonl", (p.to_dict() for p in generate(16, 2, 2, 9, seed=3)))
-    settings = [f"paths.model={embedded_model_dir}", f"paths.data={tmp_path / 'data'}", f"paths.train={tmp_path / 'train'}",
+    settings = [f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}", f"paths.data={tmp_path / 'data'}", f"paths.train={tmp_path / 'train'}",
                 "tracking.enabled=false", "train.common.max_steps=3", "train.common.batch_size=2", "train.common.max_length=96",
                 "train.common.save_steps=1000", "train.common.log_model=false"]
     # accelerate 1.15 starts several CPU processes only through MPI (`--cpu`), which is not installed here;

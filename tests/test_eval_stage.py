@@ -23,7 +23,7 @@ MODEL, DATA = BASE.model, BASE.data
 
 
 def _project(tmp_path, model_dir, training_run_id=None):
-    paths = dataclasses.replace(BASE.paths, model=str(model_dir), data=str(tmp_path / "data"), train=str(tmp_path / "train"),
+    paths = dataclasses.replace(BASE.paths, model=str(model_dir), policy=str(model_dir), data=str(tmp_path / "data"), train=str(tmp_path / "train"),
                                 eval=str(tmp_path / "eval"), score=str(tmp_path / "score"), report=str(tmp_path / "report"))
     write_jsonl(tmp_path / "data" / "eval.jsonl", (p.to_dict() for p in generate(3, 2, 2, 9, seed=7)))
     run_dir = tmp_path / "train" / RUN

@@ -88,7 +88,7 @@ def test_answer_marker_switches_to_the_plain_stream(model):
     free = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], *hinted_options(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=None), [1], decode)[0]
     marker_at = 3
     marker = decode(free.token_ids[marker_at : marker_at + 1])
-    opts = hinted_options(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=marker)
+    opts = hinted_options(beta=0.8, greedy=True, max_new_tokens=20, answer_marker=marker, marker_scope="rest")
     got = hinted_generate(model, HINTED[:1], PLAIN_PROMPTS[:1], *opts, [1], decode)[0]
     first = decode(free.token_ids).index(marker) // len(marker)  # marker may occur before index 3
     assert got.switched_at == first and got.token_ids[: first + 1] == free.token_ids[: first + 1]
@@ -99,6 +99,50 @@ def test_answer_marker_switches_to_the_plain_stream(model):
         ids.append(tok)
     assert len(got.lambdas) == first, "lambdas are recorded only for mixing steps (not token 0, not the tail)"
     assert got.token_ids == _reference(model, opts, 0).token_ids
+
+
+BOX, CLOSE = 40, 41
+
+
+def box_decode(ids):
+    """Token 40 reads as the marker `\\boxed{`, 41 as `}`; every other id as <id>."""
+    return "".join({BOX: "\\boxed{", CLOSE: "}"}.get(i, f"<{i}>") for i in ids)
+
+
+@pytest.mark.parametrize("scope", ["box", "rest"])
+def test_box_scope_hands_back_to_the_mixture_when_the_box_closes(scope):
+    """marker_scope 'box': plain-only inside each box, mixing again after it, re-armed at the next
+    box; 'rest' (the official demo): plain-only from the first marker to the end."""
+    from onpolicy_core.hinted import _PairState
+
+    opts = hinted_options(max_new_tokens=100, answer_marker="\\boxed{", marker_scope=scope, **NO_GUARD)[0]
+    state = _PairState(opts, {1}, box_decode, None)
+    phases = []
+    for token in [5, BOX, 7, 8, CLOSE, 9, 10, BOX, 11, CLOSE, 12]:
+        state.push(token, 0.5)
+        phases.append(state.phase)
+    if scope == "box":
+        assert phases == [MIX, PLAIN, PLAIN, PLAIN, MIX, MIX, MIX, PLAIN, PLAIN, MIX, MIX]
+        assert state.switches == 2 and state.switched_at == 7
+    else:
+        assert phases == [MIX] + [PLAIN] * 10 and state.switches == 1 and state.switched_at == 1
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
+def test_box_scope_batched_equals_the_reference(model, use_cache):
+    """The batched generator and the batch-1 reference (which skips the hinted stream inside a box
+    and must feed it every token it missed once the box closes) decode the same tokens."""
+    free = hinted_generate(model, HINTED, PLAIN_PROMPTS, *hinted_options(beta=0.8, greedy=True, max_new_tokens=24, answer_marker=None, **NO_GUARD), [1], decode)
+    tokens = [t for d in free for t in d.token_ids]
+    box, close = max(set(tokens), key=tokens.count), sorted(set(tokens), key=tokens.count)[-2]
+    mapping = {box: "\\boxed{", close: "}"}
+    dec = lambda ids: "".join(mapping.get(i, f"<{i}>") for i in ids)  # noqa: E731
+    opts = hinted_options(beta=0.8, greedy=True, max_new_tokens=24, answer_marker="\\boxed{", marker_scope="box", **NO_GUARD)
+    got = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], dec)
+    assert sum(d.switches for d in got) >= 2, "the test needs boxes to open and close"
+    for i, d in enumerate(got):
+        ref = reference_generate(model, model, HINTED[i], PLAIN_PROMPTS[i], *opts, [1], dec, use_cache=use_cache)
+        assert d.token_ids == ref.token_ids and d.switches == ref.switches
 
 
 def test_eos_stops_a_pair_including_on_the_first_token(model):

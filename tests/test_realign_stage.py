@@ -16,7 +16,7 @@ from tests.conftest import arithmetic_corpus, default_config, hinted_options
 
 def _config(model_dir, *overrides):
     """Small realign settings on the HF backend (sampled unless overridden), no tracking."""
-    return default_config(f"paths.model={model_dir}", "tracking.enabled=false", "realign.backend=hf",
+    return default_config(f"paths.model={model_dir}", f"paths.policy={model_dir}", "tracking.enabled=false", "realign.backend=hf",
                           "realign.decoding.max_new_tokens=24", "realign.batch_size=2", *overrides)
 
 
@@ -129,6 +129,34 @@ def test_looping_truncated_text_is_not_verified_though_its_last_number_matches()
 ])
 def test_strict_verification_rules(text, finish, gold, expected):
     assert realign_stage.verify(text, finish, gold) == expected
+
+
+COPIED = "8 / 4 = 2.\n2 / 4 = 1/2.\n1 / 1 = 1.\nThe final answer is $\\boxed{1}$."
+"""Seen from a primed policy: the final answer copied from the hint, the steps wrong."""
+
+
+@pytest.mark.parametrize(("text", "step_check", "expected"), [
+    (COPIED, "none", (True, None, "1")),
+    (COPIED, "arithmetic", (False, "wrong_step", "1")),
+    ("8 + 4 = 13.\nThe final answer is $\\boxed{13}$.", "arithmetic", (False, "wrong_step", "13")),
+    ("8 + 4 = 12.\n12 * 2 = 24.\nThe final answer is $\\boxed{24}$.", "arithmetic", (True, None, "24")),
+    ("8 + 4 = 12.\nThe final answer is $\\boxed{12}$. Mia has 12 now.", "arithmetic", (True, None, "12")),
+    ("8 + 4 = 12.\nThe final answer is $\\boxed{12}$. So the answer is 13.", "none", (False, "second_answer", "12")),
+])
+def test_steps_and_a_second_answer_are_checked_after_the_final_answer(text, step_check, expected):
+    assert realign_stage.verify(text, "eos", expected[2] if expected[1] != "wrong_answer" else "0", step_check) == expected
+
+
+def test_step_check_catches_arithmetic_and_chain_errors_and_passes_every_reference():
+    from onpolicy_core.data.arithmetic import generate
+    from onpolicy_core.grading import answer_after_box, check_arithmetic_steps
+
+    assert check_arithmetic_steps("7 + 3 = 10. 10 \\times 2 = 20", "21").error == "final answer 21 is not the last result 20"
+    assert check_arithmetic_steps("3 + 4 = 7 * 2 = 14", "14") == check_arithmetic_steps("3 + 4 = 7. 7 * 2 = 14.", "14")
+    assert "does not start from" in check_arithmetic_steps(COPIED, "1").error
+    assert check_arithmetic_steps("No steps here.", "5").steps == 0
+    problems = generate(2000, 1, 6, 40, seed=7)
+    assert not [p.id for p in problems if check_arithmetic_steps(p.solution, p.answer).error or answer_after_box(p.solution)]
 
 
 def test_unverified_loops_never_reach_the_training_set():

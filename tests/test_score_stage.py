@@ -20,7 +20,7 @@ def corpus(tmp_path):
 def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, embedded_model_dir):
     import mlflow
 
-    p = default_config("score.select_top_k=3", "score.max_batch_size=4", f"paths.model={embedded_model_dir}")
+    p = default_config("score.select_top_k=3", "score.max_batch_size=4", f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}")
     cfg = p.score
     out = tmp_path / "score" / "original"
     summary = score_stage.run_score(cfg, p.paths, p.tracking, corpus, out)
@@ -43,7 +43,7 @@ def test_score_stage_writes_scores_summary_plot_and_selection(tmp_path, corpus, 
 
 
 def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_model_dir, monkeypatch):
-    p = default_config("score.max_batch_size=4", "score.work_unit=4", f"paths.model={embedded_model_dir}", "tracking.enabled=false")
+    p = default_config("score.max_batch_size=4", "score.work_unit=4", f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}", "tracking.enabled=false")
     cfg, paths, tracking = p.score, p.paths, p.tracking
     real = ddt.score_batch
     calls = {"n": 0}
@@ -75,5 +75,5 @@ def test_bad_score_input_names_file_and_line(tmp_path, embedded_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "question": "q", "solution": "s"}) + "\n" + json.dumps({"id": "b", "question": "q"}) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl:2: record lacks string field\(s\) \['solution'\]"):
-        p = default_config(f"paths.model={embedded_model_dir}", "tracking.enabled=false")
+        p = default_config(f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}", "tracking.enabled=false")
         score_stage.run_score(p.score, p.paths, p.tracking, bad, tmp_path / "o")

@@ -19,7 +19,7 @@ EVAL_FILES = ("records.parquet", "summary.json", "metrics.json")
 
 def test_eval_shards_merge_to_the_bytes_of_one_run_and_a_gap_is_named(tmp_path, embedded_model_dir):
     base = default_config()
-    paths = dataclasses.replace(base.paths, model=str(embedded_model_dir), data=str(tmp_path / "data"), eval=str(tmp_path / "eval"))
+    paths = dataclasses.replace(base.paths, model=str(embedded_model_dir), policy=str(embedded_model_dir), data=str(tmp_path / "data"), eval=str(tmp_path / "eval"))
     write_jsonl(tmp_path / "data" / "eval.jsonl", (p.to_dict() for p in generate(3, 2, 2, 9, seed=7)))
     cfg = dataclasses.replace(base.eval, benchmarks=["arithmetic", "arithmetic_ood"], limit=3, samples=2, max_new_tokens=12,
                               batch_size=8, backend="hf", work_unit=2)

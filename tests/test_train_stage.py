@@ -51,7 +51,7 @@ def _completion_nll(model, paths) -> float:
 
 
 def _paths(root, tmp_path):
-    return dataclasses.replace(BASE.paths, model=str(root / "model"), data=str(root / "data"), train=str(tmp_path / "train"))
+    return dataclasses.replace(BASE.paths, model=str(root / "model"), policy=str(root / "model"), data=str(root / "data"), train=str(tmp_path / "train"))
 
 
 def _cfg(idft=None, **common):

@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 
 
 def model_folder(paths: PathsConfig, name: str) -> Path:
-    """'base' is the materialised model; anything else is a training run's saved model."""
+    """'base' is the starting policy (paths.policy: primed, or the materialised model); anything else
+    is a training run's saved model."""
     if name == BASE:
-        return Path(paths.model)
+        return Path(paths.policy)
     parse_run(name)
     return Path(paths.train) / name / "model"
 

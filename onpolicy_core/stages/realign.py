@@ -30,12 +30,13 @@ from onpolicy_core.config import (
     PathsConfig,
     RealignConfig,
     RealignVariant,
+    StepCheckMode,
     TrackingConfig,
     output_settings,
     to_dict,
 )
 from onpolicy_core.generation import stop_token_ids
-from onpolicy_core.grading import grade_boxed
+from onpolicy_core.grading import answer_after_box, check_arithmetic_steps, grade_boxed
 from onpolicy_core.hinted import MixingOptions, hinted_generate
 from onpolicy_core.io import (
     ShardedResults,
@@ -58,12 +59,14 @@ from onpolicy_core.stages.skeleton import (
 )
 
 log = logging.getLogger(__name__)
-REJECTIONS = ("repetitive", "truncated", "no_boxed_answer", "wrong_answer")
+REJECTIONS = ("repetitive", "truncated", "no_boxed_answer", "wrong_answer", "second_answer", "wrong_step")
 """Why a realigned response is not verified, in the order they are checked."""
 
 
-def verify(text: str, finish_reason: str, gold: str) -> tuple[bool, str | None, str | None]:
-    """(verified, rejection reason or None, boxed answer or None) of one realigned response."""
+def verify(text: str, finish_reason: str, gold: str, step_check: StepCheckMode = "none") -> tuple[bool, str | None, str | None]:
+    """(verified, rejection reason or None, boxed answer or None) of one realigned response.
+    Beyond the final answer: a different number stated after the box is a `second_answer`, and under
+    step_check 'arithmetic' a wrong or disconnected `a op b = c` step is a `wrong_step`."""
     verdict = grade_boxed(text, gold)
     if finish_reason == "repetition":
         return False, "repetitive", verdict.extracted
@@ -73,6 +76,10 @@ def verify(text: str, finish_reason: str, gold: str) -> tuple[bool, str | None, 
         return False, "no_boxed_answer", None
     if not verdict.correct:
         return False, "wrong_answer", verdict.extracted
+    if answer_after_box(text) is not None:
+        return False, "second_answer", verdict.extracted
+    if step_check == "arithmetic" and check_arithmetic_steps(text, verdict.extracted).error is not None:
+        return False, "wrong_step", verdict.extracted
     return True, None, verdict.extracted
 
 
@@ -170,7 +177,8 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
         phi_old = _avg_phi(model, tokenizer, chunk, [p.solution for p in chunk])
         shard_rows = []
         for p, d, by, text, analysed_ok, a_new, a_old in zip(chunk, decoded, decoded_by, texts, analysed, phi_new, phi_old):
-            verified, rejection, boxed = verify(text, d.finish_reason, p.answer)
+            verified, rejection, boxed = verify(text, d.finish_reason, p.answer, cfg.step_check)
+            steps = check_arithmetic_steps(text, boxed) if cfg.step_check == "arithmetic" else None
             shard_rows.append({
                 **p.to_dict(),
                 "decoded_by": by,
@@ -179,6 +187,8 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
                 "n_tokens": len(d.token_ids),
                 "mean_lambda": d.mean_lambda,
                 "switched_at": d.switched_at,
+                "answer_boxes": d.switches,
+                "step_error": steps.error if steps else None,
                 "analysis_finished": analysed_ok,
                 "verified": verified,
                 "rejection": rejection,
@@ -263,8 +273,8 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
     config = {"realign": {k: v for k, v in output_settings(cfg).items() if k != "mixing"}, "mixing": to_dict(mixing),
               "variant": variant, "input": str(input_path)}
     fingerprint = {"config": config, "input": file_sha256(input_path)}
-    with model_stage("realign", config | {"workers": cfg.workers}, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
-                     inputs=[paths.model, input_path], run_name=f"realign-{variant}", shard=shard, merge=merge) as stage:
+    with model_stage("realign", config | {"workers": cfg.workers}, tracking, out=out, model_dir=paths.policy, fingerprint=fingerprint,
+                     inputs=[paths.policy, input_path], run_name=f"realign-{variant}", shard=shard, merge=merge) as stage:
         start = time.perf_counter()
 
         def realign_units(units: range | None) -> list[dict]:
@@ -276,7 +286,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
                     from onpolicy_core.hinted_vllm import make_engine
                 except ImportError as exc:
                     raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
-                engine = make_engine(str(paths.model), cfg.vllm, dtype=str(stage.model.dtype).removeprefix("torch."), seed=cfg.seed)
+                engine = make_engine(str(paths.policy), cfg.vllm, dtype=str(stage.model.dtype).removeprefix("torch."), seed=cfg.seed)
             return realign_records(stage.model, stage.tokenizer, problems, cfg, variant, stage.shards, engine, units)
 
         total = n_units(len(problems), cfg.work_unit)

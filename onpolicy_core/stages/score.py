@@ -206,8 +206,8 @@ def run_score(
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_native() else "fp32")
     cfg = dataclasses.replace(cfg, precision=precision)
     fingerprint = {"score": output_settings(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
-    with model_stage("score", config, tracking, out=out, model_dir=paths.model, fingerprint=fingerprint,
-                     inputs=[paths.model, input_path], run_name=f"score-{name}", shard=shard, merge=merge) as stage:
+    with model_stage("score", config, tracking, out=out, model_dir=paths.policy, fingerprint=fingerprint,
+                     inputs=[paths.policy, input_path], run_name=f"score-{name}", shard=shard, merge=merge) as stage:
         start = time.perf_counter()
         total = n_units(len(problems), cfg.work_unit)
         if shard is not None:

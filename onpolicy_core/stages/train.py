@@ -61,7 +61,7 @@ def _precision(cfg: TrainCommon) -> dict:
     return {"bf16": bf16, "fp16": False}
 
 
-def _common_args(cfg: TrainCommon, out: Path, tracking: TrackingConfig) -> dict:
+def common_training_args(cfg: TrainCommon, out: Path, tracking: TrackingConfig) -> dict:
     """TrainingArguments shared by every method; every default that changes the math is explicit."""
     return dict(
         output_dir=str(out),
@@ -105,7 +105,7 @@ def _sft_trainer(method: str, cfg: TrainConfig, model, tokenizer, problems: list
     from trl import SFTConfig
 
     rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + (tokenizer.eos_token or "")} for p in problems]
-    args = SFTConfig(**_common_args(cfg.common, out, tracking), max_length=cfg.common.max_length, completion_only_loss=True,
+    args = SFTConfig(**common_training_args(cfg.common, out, tracking), max_length=cfg.common.max_length, completion_only_loss=True,
                      loss_type="nll", packing=False)
     summary["examples"] = len(rows)
     return TokenWeightedSFTTrainer(
@@ -140,7 +140,7 @@ def _dpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary
     from trl import DPOConfig, DPOTrainer
 
     dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
-    args = DPOConfig(**_common_args(cfg.common, out, tracking), beta=cfg.preference.dpo_beta,
+    args = DPOConfig(**common_training_args(cfg.common, out, tracking), beta=cfg.preference.dpo_beta,
                      loss_type=[cfg.preference.dpo_loss_type], max_length=cfg.common.max_length)
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg.common))
 
@@ -150,7 +150,7 @@ def _simpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summa
 
     dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
     pc = cfg.preference
-    args = CPOConfig(**_common_args(cfg.common, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha, beta=pc.simpo_beta,
+    args = CPOConfig(**common_training_args(cfg.common, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha, beta=pc.simpo_beta,
                      simpo_gamma=pc.simpo_gamma, max_length=cfg.common.max_length)
     return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg.common))
 
@@ -234,13 +234,13 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     # MLflow and writes the outputs, and the other ranks wait for it, then return.
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK in every process
     with stage_run("train", config, tracking if main else dataclasses.replace(tracking, enabled=False), run_name=f"train-{run}",
-                   inputs=[paths.model, data_file]) as handle:
+                   inputs=[paths.policy, data_file]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
-        model, tokenizer = load_materialised(paths.model)
+        model, tokenizer = load_materialised(paths.policy)
         summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed}
         trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
         ranks = PartialState()  # as the trainer's arguments configured it
-        fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.model)}
+        fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.policy)}
         with ranks.main_process_first():  # one rank claims (or discards) the checkpoint folder
             resume = _last_checkpoint(checkpoints, fingerprint)
         if resume:
