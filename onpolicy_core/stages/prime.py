@@ -36,7 +36,12 @@ from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.generation import HFGenerator, SamplingSpec
 from onpolicy_core.grading import grade, grade_boxed
 from onpolicy_core.io import InputError, atomic_dir, read_problems, write_json
-from onpolicy_core.models import PROVENANCE_FILE, load_materialised, model_identity, weights_sha256
+from onpolicy_core.models import (
+    PROVENANCE_FILE,
+    load_materialised,
+    model_identity,
+    weights_sha256,
+)
 from onpolicy_core.prompts import render_prompt
 from onpolicy_core.records import Problem
 from onpolicy_core.stages.skeleton import publish, write_run_record
