@@ -141,3 +141,29 @@ def test_plot_takes_accuracies_of_exactly_zero_and_one(tmp_path):
 
     plot_comparison({"b": {"base": cell(0), "sft-original": cell(300)}}, "greedy", tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_on_data_identical_to_another_runs_is_not_a_separate_result(tmp_path):
+    """All rewrites fell back: the hinted set trains on exactly the original (question, solution)
+    pairs, so idft-hinted is idft-original under another name; the report flags both facts."""
+    from onpolicy_core.io import write_jsonl
+    from onpolicy_core.stages.report import data_flags, same_data, training_sets
+
+    paths = dataclasses.replace(BASE.paths, data=str(tmp_path / "data"), realign=str(tmp_path / "realign"))
+    original = [{"id": f"p{i}", "question": f"q{i}", "solution": f"s{i}", "answer": "1", "source": "t"} for i in range(4)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", original)
+    write_jsonl(tmp_path / "realign" / "hinted" / "train.jsonl",
+                [{**r, "original_solution": r["solution"], "realign_outcome": "fallback_original"} for r in original])
+    write_jsonl(tmp_path / "realign" / "self_distill" / "train.jsonl",
+                [{**r, "solution": "mine" if i < 3 else r["solution"], "realign_outcome": "realigned" if i < 3 else "fallback_original"}
+                 for i, r in enumerate(original)])
+    sets = training_sets(paths)
+    assert sets["hinted"]["fallback_share"] == 1.0 and sets["self_distill"]["fallback_share"] == 0.25
+    assert sets["hinted"]["digest"] == sets["original"]["digest"] != sets["self_distill"]["digest"]
+    runs = ["sft-original", "idft-original", "idft-hinted", "idft-hinted-s1", "idft-self_distill"]
+    aliases = same_data(runs, sets)
+    assert aliases == {"idft-hinted": "idft-original"}
+    flags = data_flags(sets, aliases)
+    assert any(f.startswith("hinted: 100.0% of its 4 training examples are the original solution") for f in flags)
+    assert any("idft-hinted trained on exactly the data of idft-original" in f for f in flags)
+    assert not any(f.startswith("self_distill") for f in flags), "25% fallback is not mostly the original"

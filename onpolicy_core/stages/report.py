@@ -285,6 +285,100 @@ def realign_statistics(paths: PathsConfig) -> dict[str, dict]:
     return out
 
 
+FALLBACK_FLAG = 0.5
+"""A realigned training set with more than this share of original solutions (fallbacks) is flagged."""
+
+
+def _content_digest(path: Path) -> tuple[str, int, int]:
+    """(digest of the (question, solution) pairs trained on, examples, fallbacks) of a training file:
+    two files with one digest train the same model, whatever else their records carry."""
+    import hashlib
+
+    from onpolicy_core.io import read_jsonl
+
+    rows = read_jsonl(path)
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(json.dumps([r["question"], r["solution"]], ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest(), len(rows), sum(r.get("realign_outcome") == "fallback_original" for r in rows)
+
+
+def training_sets(paths: PathsConfig) -> dict[str, dict]:
+    """Per training set (original, self_distill, hinted) that exists: examples, how many are the
+    original solution (fallbacks of unverified rewrites) and a digest of what is trained on."""
+    from onpolicy_core.config import training_file
+
+    out = {}
+    for data in get_args(TrainData):
+        path = Path(training_file(paths, data))
+        if path.is_file():
+            digest, n, fallbacks = _content_digest(path)
+            out[data] = {"examples": n, "fallbacks": fallbacks, "fallback_share": fallbacks / n if n else None, "digest": digest}
+    return out
+
+
+def same_data(runs: list[str], sets: dict[str, dict]) -> dict[str, str]:
+    """{group: the group it duplicates}: a method's run on a training set whose content is identical to
+    another set's (every rewrite fell back) is the same model under another name, not a result."""
+    first: dict[tuple[str, str], str] = {}
+    aliases = {}
+    for group in dict.fromkeys(run_group(r) for r in runs):
+        method, data = parse_run(group)
+        if data not in sets:
+            continue
+        key = (method, sets[data]["digest"])
+        if key in first:
+            aliases[group] = first[key]
+        else:
+            first[key] = group
+    return aliases
+
+
+def data_flags(sets: dict[str, dict], aliases: dict[str, str]) -> list[str]:
+    flags = []
+    for data, s in sets.items():
+        if data != "original" and s["fallback_share"] is not None and s["fallback_share"] > FALLBACK_FLAG:
+            flags.append(f"{data}: {_pct(s['fallback_share'])}% of its {s['examples']} training examples are the original solution "
+                         "(unverified rewrites fell back): it is mostly the original data.")
+    for group, twin in aliases.items():
+        flags.append(f"{group} trained on exactly the data of {twin}: it is the same model, so it is not reported as a separate result.")
+    return flags
+
+
+def policy_statistics(paths: PathsConfig) -> dict | None:
+    """The prime stage's raw-vs-primed check (None when that stage has not run here)."""
+    summary = Path(paths.prime) / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def cost_table(paths: PathsConfig, runs: list[str]) -> dict[str, dict]:
+    """Per <method>-<data>: data preparation (the realign stage of its training set; pair sampling is
+    part of DPO/SimPO training) and training, in wall and CPU seconds, the mean over its seeds, from the
+    stages' run records (artifacts/.runs; they differ between two runs of the same inputs)."""
+    from onpolicy_core.stages.skeleton import read_run_record
+
+    def cost(record: dict) -> tuple[float | None, float | None]:
+        shards = record.get("shards") or {}
+        wall = record.get("process_seconds")
+        cpu = record.get("cpu_seconds")
+        if cpu is not None:
+            cpu += sum(s.get("cpu_seconds", 0.0) for s in shards.values())
+        return wall, cpu
+
+    table: dict[str, dict] = {}
+    for group, members in group_runs(runs).items():
+        if group == BASE:
+            continue
+        _, data = parse_run(group)
+        prep = cost(read_run_record(Path(paths.realign) / data)) if data != "original" else (0.0, 0.0)
+        trains = [cost(read_run_record(Path(paths.train) / run)) for run in members]
+        if any(v is None for t in trains for v in t):
+            continue
+        table[group] = {"data_wall_s": prep[0], "data_cpu_s": prep[1], "train_wall_s": float(np.mean([t[0] for t in trains])),
+                        "train_cpu_s": float(np.mean([t[1] for t in trains])), "seeds": len(members)}
+    return table
+
+
 def problems_note(eval_cfg: EvalConfig) -> str:
     """Which problems each benchmark was evaluated on (eval.limit, eval.limit_order)."""
     if eval_cfg.limit is None:
@@ -293,8 +387,48 @@ def problems_note(eval_cfg: EvalConfig) -> str:
     return f"Problems: at most {eval_cfg.limit} per benchmark, {how} (`eval.limit`, `eval.limit_order`)."
 
 
+def policy_section(policy: dict | None) -> list[str]:
+    """The starting policy: the raw and the primed model on held-out primer problems."""
+    if not policy:
+        return []
+    if not policy.get("enabled"):
+        return ["## Starting policy", "", f"Not primed (`model.prime.enabled: {policy.get('setting')}`, source "
+                f"`{policy.get('source')}`): every stage starts from the model as loaded.", ""]
+    lines = ["## Starting policy (primed)", "",
+             (f"Every stage (realign, score, train, eval as `base`) starts from the model after a short SFT on "
+              f"{policy['primer_examples']} primer problems disjoint from every data split ({policy['overlap_dropped']} "
+              f"overlapping questions dropped); compared greedily on {policy['check_examples']} held-out primer problems:"), "",
+             "| model | accuracy [95% CI] | strict [95% CI] | truncated | mean tokens |", "|---|---|---|---|---|"]
+    for which in ("raw", "primed"):
+        m = policy[which]
+        a, st = m["accuracy"], m["strict_accuracy"]
+        lines.append(f"| {which} | {_pct(a['value'])} [{_pct(a['low'])}, {_pct(a['high'])}] | {_pct(st['value'])} "
+                     f"[{_pct(st['low'])}, {_pct(st['high'])}] | {_pct(m['truncated_rate'])}% | {m['mean_tokens']:.0f} |")
+    return [*lines, ""]
+
+
+def cost_section(cost: dict[str, dict], policy: dict | None) -> list[str]:
+    """Wall and CPU seconds per method: data preparation and training (the paper's third axis)."""
+    if not cost:
+        return []
+
+    def s(x: float | None) -> str:
+        return "–" if x is None else f"{x:,.0f}"
+
+    lines = ["## Cost per method", "",
+             ("Seconds of the stage processes (model loading included), mean over seeds; data preparation is the "
+              "Hinted Decoding stage of the training set (DPO and SimPO sample their pairs inside training). "
+              "Measured on this run's machine: these figures, unlike every other number here, differ between runs."), "",
+             "| model | data prep wall s | data prep CPU s | training wall s | training CPU s | total CPU s |", "|---|---|---|---|---|---|"]
+    for group, c in cost.items():
+        lines.append(f"| {group} | {s(c['data_wall_s'])} | {s(c['data_cpu_s'])} | {s(c['train_wall_s'])} | {s(c['train_cpu_s'])} | "
+                     f"{s(c['data_cpu_s'] + c['train_cpu_s'])} |")
+    return [*lines, ""]
+
+
 def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, realign: dict, metric: str,
-                    sft_reference: str, flags: list[str], problems: str = "") -> str:
+                    sft_reference: str, flags: list[str], problems: str = "", sets: dict | None = None,
+                    policy: dict | None = None, cost: dict | None = None) -> str:
     ns = [c["estimate"]["n"] for cells in table.values() for c in cells.values()]
     n_min = min(ns) if ns else 0
     lines = [f"# Comparison: {metric} accuracy (%)", ""]
@@ -313,6 +447,7 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
         "", "## Verdict", "", *verdict(table, sft_reference), ""]
     if flags:
         lines += ["## Warnings", "", *[f"- ⚠ {f}" for f in flags], ""]
+    lines += policy_section(policy)
     sft = run_group(sft_reference) if sft_reference else "sft"
     for bench, cells in table.items():
         n = next(iter(cells.values()))["estimate"]["n"]
@@ -337,14 +472,18 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
     if realign:
         lines += ["## Realignment (Hinted Decoding) of the training set", "",
                   "Verified: ended with EOS, answer inside `\\boxed{}` equal to the gold answer (math-verify), no repetition.", "",
-                  "| variant | examples | verified [95% CI] | EOS rate | rejected: repetitive | truncated | no boxed answer | wrong answer |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| variant | examples | verified [95% CI] | EOS rate | rejected: repetitive | truncated | no boxed answer | "
+                  "wrong answer | second answer | wrong step | training set: original solutions |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for variant, s in realign.items():
             r, n = s["rejections"], s["examples"]
+            fallback = (sets or {}).get(variant, {}).get("fallback_share")
             lines.append(f"| {variant} | {n} | {_pct(s['verified'] / n if n else None)} [{_pct(s['verified_ci'][0])}, "
                          f"{_pct(s['verified_ci'][1])}] | {_pct(s['eos_rate'])}% | {r.get('repetitive', 0)} | {r.get('truncated', 0)} | "
-                         f"{r.get('no_boxed_answer', 0)} | {r.get('wrong_answer', 0)} |")
+                         f"{r.get('no_boxed_answer', 0)} | {r.get('wrong_answer', 0)} | {r.get('second_answer', 0)} | "
+                         f"{r.get('wrong_step', 0)} | {_pct(fallback)}% |")
         lines.append("")
+    lines += cost_section(cost or {}, policy)
     if ddt:
         lines += ["## DDT statistics of the training sets", "",
                   ("avg φ: per example, the mean over its tokens of φ = log p + H under the base model (0 = what the model "
@@ -414,8 +553,13 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     if missing:
         raise InputError(f"no evaluation for {missing}; run `dvc repro` (or `onpolicy eval --model <name>`) first")
     results = {m: json.loads((Path(paths.eval) / m / "summary.json").read_text())["benchmarks"] for m in models}
+    sets = training_sets(paths)
+    aliases = same_data(runs, sets)
+    results = {m: r for m, r in results.items() if m == BASE or run_group(m) not in aliases}
     groups = []
     for name, members in group_runs(runs).items():
+        if name in aliases:
+            continue
         g = Group(name, members)
         for run in members:
             records = _read_records(Path(paths.eval) / run / "records.parquet")
@@ -425,23 +569,25 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     benches = list(results[BASE])
     table = build_table(groups, benches, cfg.metric, cfg.sft_reference)
     ddt, realign = ddt_statistics(paths), realign_statistics(paths)
-    flags = truncation_flags(results, runs)
+    flags = truncation_flags(results, runs) + data_flags(sets, aliases)
+    policy, cost = policy_statistics(paths), cost_table(paths, runs)
     out = Path(paths.report)
     config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
     with stage_run("report", config, tracking, inputs=inputs) as run:
         write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags,
-                                                             problems_note(eval_cfg)))
+                                                      problems_note(eval_cfg), sets, policy, cost))
         plot_comparison(table, cfg.metric, out / "comparison.png")
         comparison_json = {"metric": cfg.metric, "metric_key": config["metric_key"], "alpha": ALPHA, "table": table,
-                           "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags}
+                           "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags,
+                           "training_sets": sets, "same_data": aliases, "policy": policy, "cost": cost}
         write_json(out / "comparison.json", comparison_json)
         files = [out / "report.md", out / "comparison.png", out / "comparison.json"]
         for f in files:
             run.log_artifact(f)
         headline = {f"{m}/{b}/{config['metric_key']}": c["estimate"]["value"] for b, cells in table.items()
                     for m, c in cells.items() if not math.isnan(c["estimate"]["value"])}
-        run.log_metrics(headline)
+        run.log_metrics(headline | {f"cost/{g}/{k}": v for g, c in cost.items() for k, v in c.items() if v is not None})
         view = run.share_view(COMPARISON_VIEW, comparison_view(benches, config["metric_key"]))
         if view:
             log.info("MLflow comparison view (every model, the same columns): <MLflow UI>/%s", view)

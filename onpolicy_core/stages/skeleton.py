@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +125,29 @@ def run_record_path(out: Path) -> Path:
     return out.parent.with_name(".runs") / out.parent.name / f"{out.name}.json"
 
 
+def process_cost() -> dict:
+    """What this stage's process has cost so far: wall seconds since it started (model loading
+    included) and CPU seconds, its own and its finished children's; on GPUs also how many it saw.
+    Each stage is one `onpolicy <stage>` process, so this is the stage's cost (the report's cost table)."""
+    import resource
+    import sys
+
+    import psutil
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cost = {"process_seconds": round(time.time() - psutil.Process().create_time(), 1),
+            "cpu_seconds": round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)}
+    torch = sys.modules.get("torch")  # only where the stage loaded it: the report and data stages do not
+    if torch is not None and torch.cuda.is_available():
+        cost["gpus"] = torch.cuda.device_count()
+    return cost
+
+
 def write_run_record(out: Path, record: dict, shard: Shard | None = None) -> None:
-    """The run record of `out`, or of one shard of it (<name>.shard-I-of-N.json beside it)."""
+    """The run record of `out`, or of one shard of it (<name>.shard-I-of-N.json beside it), with the
+    process's cost (`process_cost`)."""
     path = run_record_path(out)
-    write_json(path.with_name(f"{path.stem}.{shard.label}.json") if shard else path, record)
+    write_json(path.with_name(f"{path.stem}.{shard.label}.json") if shard else path, process_cost() | record)
 
 
 def take_shard_records(out: Path) -> dict[str, dict]:
