@@ -215,13 +215,32 @@ def eval_(
 
 
 @app.command()
+def general(
+    model: Annotated[str, typer.Option(help="'base' (the materialised model) or a training run <method>-<data>.")] = "base",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """General-ability retention: ARC-Easy, ARC-Challenge, MMLU-STEM as multiple choice by log-likelihood.
+
+    Writes <paths.general>/<model>/records.parquet (every question, per-choice log p), summary.json
+    (acc and acc_norm with 95% intervals, chance rate, skips) and metrics.json; resumes after a kill.
+    Settings under `general:` (benchmarks, data_root, limit, limit_order, seed, batch_size, precision, work_unit).
+    """
+    from onpolicy_core.stages.general import run_general
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_general(p.general, p.paths, p.tracking, p.model, model)
+
+
+@app.command()
 def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Compare base and every train.runs model: report.md, comparison.png, comparison.json."""
     from onpolicy_core.stages.report import run_report
 
     p = _load(params, set_)
     with _user_errors():
-        run_report(p.report, p.paths, p.tracking, p.eval, list(p.train.runs))
+        run_report(p.report, p.paths, p.tracking, p.eval, list(p.train.runs), general=p.general)
 
 
 @app.command()

@@ -572,6 +572,42 @@ class EvalConfig:
         check_sharding("eval", self.work_unit, self.workers)
 
 
+GeneralBenchmark = Literal["arc_easy", "arc_challenge", "mmlu_stem"]
+"""The multiple-choice sets of the general-ability evaluation (files: data/multiple_choice.FILES)."""
+
+
+@dataclass
+class GeneralConfig:
+    """General-ability retention: multiple choice by log-likelihood (lm-eval's method, cloze prompt),
+    for the base model and every trained model (stage `general`)."""
+
+    benchmarks: list[GeneralBenchmark]
+    """Sets to score: arc_easy, arc_challenge, mmlu_stem; empty: the stage writes empty outputs without
+    loading the model (the default, for machines without the data files)."""
+    data_root: str
+    """Folder holding <name>/test.jsonl of each set (relative to the project root)."""
+    limit: int | None
+    """Questions per set; None scores every question."""
+    limit_order: Literal["random", "first"]
+    """Which `limit` questions, as `eval.limit_order`."""
+    seed: int
+    """Seed of the random subsample."""
+    batch_size: int
+    """Questions per forward batch (each question's context runs once, its choices as rows on it)."""
+    precision: ScorePrecisionSetting
+    """Matmul precision, as `score.precision`."""
+    work_unit: int
+    """Questions of one set per work unit: a killed run resumes after its last finished unit."""
+
+    def __post_init__(self) -> None:
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ConfigError(f"general.benchmarks lists a set twice: {self.benchmarks}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("general.limit must be >= 1 or null")
+        if self.batch_size < 1 or self.work_unit < 1:
+            raise ConfigError("general.batch_size and general.work_unit must be >= 1")
+
+
 @dataclass
 class ReportConfig:
     """The comparison of every evaluated model."""
@@ -609,6 +645,8 @@ class PathsConfig:
     """One folder per evaluated model (eval/base, eval/<method>-<data>)."""
     report: str
     """The comparison report (report.md, comparison.png, comparison.json)."""
+    general: str
+    """One folder per model scored for general ability (general/base, general/<method>-<data>)."""
 
 
 def training_file(paths: PathsConfig, data: str) -> str:
@@ -678,6 +716,7 @@ class Params:
     realign: RealignConfig
     train: TrainConfig
     eval: EvalConfig
+    general: GeneralConfig
     report: ReportConfig
     scale: ScaleConfig
 

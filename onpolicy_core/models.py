@@ -183,6 +183,12 @@ def bf16_native() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+def resolve_precision(setting: str) -> str:
+    """A precision setting (score.precision, general.precision) as run here: 'auto' is 'bf16' where
+    `bf16_native()`, else 'fp32'; 'fp32' and 'bf16' stay."""
+    return setting if setting != "auto" else ("bf16" if bf16_native() else "fp32")
+
+
 def load_materialised(folder: str | Path, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a folder written by the `model` stage, in eval mode, on `device`
     ('auto': the GPU when there is one)."""

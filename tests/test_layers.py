@@ -14,8 +14,8 @@ pytestmark = pytest.mark.unit
 PACKAGE = ROOT / "onpolicy_core"
 ALGORITHM_MODULES = ["ddt.py", "hinted.py", "hinted_vllm.py", "losses.py", "evaluation.py", "statistics.py", "options.py",
                      "grading.py", "prompts.py", "records.py", "data/arithmetic.py", "training/preference.py",
-                     "training/sft.py", "generation.py"]
-PURE_MODULES = ["ddt.py", "hinted.py", "hinted_vllm.py", "losses.py", "evaluation.py", "statistics.py", "options.py"]
+                     "training/sft.py", "generation.py", "choices.py"]
+PURE_MODULES = ["ddt.py", "hinted.py", "hinted_vllm.py", "losses.py", "evaluation.py", "statistics.py", "options.py", "choices.py"]
 """The algorithms proper: also no file I/O and no environment changes."""
 FORBIDDEN_IN_ALGORITHMS = {"mlflow", "prefect", "dvc", "onpolicy_core.stages", "onpolicy_core.io", "onpolicy_core.tracking",
                            "onpolicy_core.config", "onpolicy_core.dvc_lock", "tasks", "flows"}
@@ -116,5 +116,5 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_data_loaders_take_plain_arguments():
-    for module in ("data/sources.py", "data/benchmarks.py", "data/registry.py", "data/arithmetic.py"):
+    for module in ("data/sources.py", "data/benchmarks.py", "data/registry.py", "data/arithmetic.py", "data/multiple_choice.py"):
         assert not _hits(_imports(PACKAGE / module), {"onpolicy_core.config"}), module

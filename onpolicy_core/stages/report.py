@@ -32,6 +32,7 @@ import numpy as np
 from onpolicy_core.config import (
     BASE,
     EvalConfig,
+    GeneralConfig,
     PathsConfig,
     RealignVariant,
     ReportConfig,
@@ -543,8 +544,87 @@ def _read_records(path: Path) -> list[dict]:
         raise InputError(f"{path}: not a readable eval records file ({exc.__class__.__name__}: {exc})") from exc
 
 
-def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, eval_cfg: EvalConfig, runs: list[str]) -> dict:
-    """Gather the evaluation of base + `runs` into <paths.report>/{report.md, comparison.png, comparison.json}."""
+# --- General ability (multiple choice, log-likelihood): the `general` stage's results ------------------
+
+
+def general_table(paths: PathsConfig, general: GeneralConfig, models: list[str]) -> dict[str, dict[str, dict]]:
+    """Per set and model: n, acc and acc_norm with Wilson 95% intervals, the chance rate, and the exact
+    McNemar test against the base model on the same questions (Holm-adjusted over the models of a set,
+    per metric)."""
+    needed = [Path(paths.general) / m / "records.parquet" for m in models]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise InputError(f"no general-ability results for {missing}; run `dvc repro` (or `onpolicy general --model <name>`) first")
+    correct: dict[str, dict[str, dict[str, tuple[bool, bool, float]]]] = {}
+    for model, path in zip(models, needed):
+        for r in _read_records(path):
+            correct.setdefault(r["benchmark"], {}).setdefault(model, {})[r["id"]] = (bool(r["correct"]), bool(r["correct_norm"]),
+                                                                                    1 / r["n_choices"])
+    table: dict[str, dict[str, dict]] = {}
+    for bench in general.benchmarks:
+        per_model = correct.get(bench, {})
+        if BASE not in per_model:
+            continue
+        table[bench] = {}
+        for model in models:
+            if model not in per_model:
+                continue
+            ids = sorted(set(per_model[model]) & set(per_model[BASE]))
+            rows, base = [per_model[model][i] for i in ids], [per_model[BASE][i] for i in ids]
+            cell: dict = {"n": len(ids), "chance": sum(r[2] for r in rows) / len(rows) if rows else float("nan")}
+            for k, metric in enumerate(("acc", "acc_norm")):
+                e = wilson(sum(r[k] for r in rows), len(rows))
+                cell[metric] = {"value": e.value, "low": e.low, "high": e.high}
+                if model != BASE:
+                    cell.setdefault("vs_base", {})[metric] = _comparison_dict(mcnemar_exact([r[k] for r in rows], [b[k] for b in base]))
+            table[bench][model] = cell
+        for metric in ("acc", "acc_norm"):
+            cells = [c["vs_base"][metric] for c in table[bench].values() if "vs_base" in c]
+            for c, adjusted in zip(cells, holm([c["p_value"] for c in cells])):
+                c["p_holm"] = adjusted
+    return table
+
+
+def render_general(table: dict[str, dict[str, dict]], general: GeneralConfig) -> str:
+    """The report's "General ability" section (empty when nothing was scored)."""
+    if not table:
+        return ""
+    if general.limit is None:
+        which = "every question of each set"
+    else:
+        how = "the first in file order" if general.limit_order == "first" else f"a random sample (seed {general.seed}) kept in file order"
+        which = f"at most {general.limit} questions per set, {how} (`general.limit`, `general.limit_order`)"
+    lines = ["## General ability (multiple choice, log-likelihood)", "",
+             (f"How much general ability each model keeps: {which}, scored as lm-evaluation-harness does (cloze prompt "
+              "`Question: …\nAnswer:`, each choice's summed log-probability; acc_norm divides it by the choice's length in "
+              "characters). Value [Wilson 95% interval] in %; Δ vs base: on the same questions, p of the exact McNemar test, "
+              "Holm-adjusted over the models of a set."), ""]
+    for bench, cells in table.items():
+        lines += [f"### {bench} (n = {cells[BASE]['n']})", "",
+                  "| model | n | acc [95% CI] | acc_norm [95% CI] | chance | acc Δ vs base | acc_norm Δ vs base |",
+                  "|---|---|---|---|---|---|---|"]
+        for model, c in cells.items():
+            vs = c.get("vs_base", {})
+            lines.append(f"| {model} | {c['n']} | {_general_estimate(c['acc'])} | {_general_estimate(c['acc_norm'])} | "
+                         f"{_pct(c['chance'])} | {_general_comparison(vs.get('acc'))} | {_general_comparison(vs.get('acc_norm'))} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _general_estimate(e: dict) -> str:
+    return f"{_pct(e['value'])} [{_pct(e['low'])}, {_pct(e['high'])}]"
+
+
+def _general_comparison(c: dict | None) -> str:
+    if c is None:
+        return "–"
+    return f"{_pct(c['diff'], True)}, p {_p(c['p_value'])} (Holm {_p(c.get('p_holm'))}): {_significance(c)}"
+
+
+def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, eval_cfg: EvalConfig, runs: list[str],
+               general: GeneralConfig | None = None) -> dict:
+    """Gather the evaluation of base + `runs` into <paths.report>/{report.md, comparison.png, comparison.json};
+    with `general` (its benchmarks not empty), also the general-ability section."""
     for run in runs:
         parse_run(run)
     models = [BASE, *runs]
@@ -571,16 +651,21 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     ddt, realign = ddt_statistics(paths), realign_statistics(paths)
     flags = truncation_flags(results, runs) + data_flags(sets, aliases)
     policy, cost = policy_statistics(paths), cost_table(paths, runs)
+    shown = [m for m in models if m == BASE or run_group(m) not in aliases]
+    general_section = general_table(paths, general, shown) if general is not None and general.benchmarks else None
     out = Path(paths.report)
     config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
     with stage_run("report", config, tracking, inputs=inputs) as run:
         write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags,
-                                                      problems_note(eval_cfg), sets, policy, cost))
+                                                      problems_note(eval_cfg), sets, policy, cost)
+                   + ("\n" + render_general(general_section, general) if general_section else ""))
         plot_comparison(table, cfg.metric, out / "comparison.png")
         comparison_json = {"metric": cfg.metric, "metric_key": config["metric_key"], "alpha": ALPHA, "table": table,
                            "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags,
                            "training_sets": sets, "same_data": aliases, "policy": policy, "cost": cost}
+        if general_section:
+            comparison_json["general"] = general_section
         write_json(out / "comparison.json", comparison_json)
         files = [out / "report.md", out / "comparison.png", out / "comparison.json"]
         for f in files:

@@ -28,7 +28,7 @@ from onpolicy_core.io import (
     write_json,
     write_jsonl,
 )
-from onpolicy_core.models import bf16_native
+from onpolicy_core.models import resolve_precision
 from onpolicy_core.prompts import encode_pair, render_prompt
 from onpolicy_core.stages.skeleton import (
     Shard,
@@ -203,8 +203,7 @@ def run_score(
     name = out.name
     config = {"score": to_dict(cfg), "input": str(input_path), "output": str(out), "response_field": response_field}
     # "auto" is settled here, once, and is part of the fingerprint: a resume on other hardware starts over.
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_native() else "fp32")
-    cfg = dataclasses.replace(cfg, precision=precision)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision))
     fingerprint = {"score": output_settings(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
     with model_stage("score", config, tracking, out=out, model_dir=paths.policy, fingerprint=fingerprint,
                      inputs=[paths.policy, input_path], run_name=f"score-{name}", shard=shard, merge=merge) as stage:
