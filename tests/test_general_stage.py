@@ -50,7 +50,7 @@ def test_the_cli_prints_one_line_for_a_missing_file(tmp_path):
     from onpolicy_core.cli import app
 
     result = CliRunner().invoke(app, ["general", "--set", "general.benchmarks=[mmlu_stem]", "--set", f"general.data_root={tmp_path}",
-                                      "--set", f"paths.model={tmp_path}", "--set", "tracking.enabled=false"])
+                                      "--set", f"paths.model={tmp_path}", "--set", f"paths.policy={tmp_path}", "--set", "tracking.enabled=false"])
     assert result.exit_code == 2
     # the model folder is checked first: either error is one line naming the path
     assert result.output.count("\n") == 1 and result.output.startswith("error: ") and str(tmp_path) in result.output
@@ -68,7 +68,7 @@ def test_config_rejects_an_unknown_set_naming_the_key():
 
 def test_empty_benchmarks_write_empty_outputs_without_a_model(tmp_path, monkeypatch):
     monkeypatch.setattr(general_stage, "model_stage", None)  # would fail if the stage tried to open the model
-    paths = dataclasses.replace(BASE.paths, model=str(tmp_path / "no-model"), general=str(tmp_path / "general"))
+    paths = dataclasses.replace(BASE.paths, model=str(tmp_path / "no-model"), policy=str(tmp_path / "no-model"), general=str(tmp_path / "general"))
     assert general_stage.run_general(BASE.general, paths, OFF, BASE.model) == {}
     out = tmp_path / "general" / "base"
     assert len(pd.read_parquet(out / "records.parquet")) == 0
@@ -84,7 +84,7 @@ def arc_easy():
 
 
 def _setup(tmp_path, model_dir, data_root, **kw):
-    paths = dataclasses.replace(BASE.paths, model=str(model_dir), general=str(tmp_path / "general"), train=str(tmp_path / "train"))
+    paths = dataclasses.replace(BASE.paths, model=str(model_dir), policy=str(model_dir), general=str(tmp_path / "general"), train=str(tmp_path / "train"))
     cfg = dataclasses.replace(BASE.general, **({"benchmarks": ["arc_easy"], "data_root": str(data_root), "limit": 24,
                                                 "limit_order": "first", "batch_size": 8, "work_unit": 8, "precision": "fp32"} | kw))
     return paths, cfg

@@ -110,7 +110,7 @@ def run_general(cfg: GeneralConfig, paths: PathsConfig, tracking: TrackingConfig
         log.info("general %s: general.benchmarks is empty; wrote empty outputs to %s", name, out)
         return {}
     if not (folder / "config.json").is_file():
-        hint = "run `onpolicy model`" if name == BASE else f"run `dvc repro train@{name}` (or `onpolicy train --run {name}`)"
+        hint = "run `onpolicy model` and `onpolicy prime`" if name == BASE else f"run `dvc repro train@{name}` (or `onpolicy train --run {name}`)"
         raise InputError(f"{folder}: no model for {name!r}; {hint}")
     precision = resolve_precision(cfg.precision)  # settled once; part of the fingerprint
     loaded = {b: load_choice_set(b, cfg.data_root, cfg.limit, cfg.limit_order, cfg.seed) for b in cfg.benchmarks}
