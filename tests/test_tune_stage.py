@@ -135,3 +135,21 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(last.info.run_id)}
     assert {"best.json", "trials.json", "validation.png"} <= artifacts
 
+
+@pytest.mark.unit
+def test_the_report_lists_each_methods_learning_rate(tmp_path):
+    from onpolicy_core.io import write_json
+    from onpolicy_core.stages.report import learning_rate_section, learning_rates
+
+    paths = dataclasses.replace(BASE.paths, tune=str(tmp_path / "tune"))
+    tune_stage.run_tune(BASE.tune, BASE.train, BASE.eval, paths, OFF, "sft")
+    tuned = {"method": "idft", "learning_rate": 1e-3, "source": "tuned", "metric": "greedy_accuracy", "trials": 2, "grid": [1e-4, 1e-3],
+             "objective": {"value": 0.5, "low": 0.3, "high": 0.7, "n": 20}}
+    write_json(tmp_path / "tune" / "idft" / "best.json", tuned)
+    rates = learning_rates(paths, ["sft-original", "idft-original", "idft-hinted", "dft-original"])
+    assert list(rates) == ["sft", "idft", "dft"] and rates["dft"] is None and rates["idft"] == tuned
+    text = "\n".join(learning_rate_section(rates))
+    assert text.startswith("## Learning rates")
+    assert f"| sft | {BASE.tune.learning_rates['sft'].rate:g} | fixed | – | – | 0 |" in text
+    assert "| idft | 0.001 | tuned | 0.0001, 0.001 | 50.0 [30.0, 70.0] (n = 20, greedy_accuracy) | 2 |" in text
+    assert "| dft | – | no best.json" in text
