@@ -84,7 +84,9 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
         return tune_stage.run_tune(tune, train, eval_cfg, paths, tracking, "sft")
 
     # Killed as its second trial starts training: one trial finished, one failed in the study.
-    real_make_trainer, calls = tune_stage.make_trainer, []
+    from onpolicy_core.stages import train as train_stage
+
+    real_make_trainer, calls = train_stage.make_trainer, []
 
     def dies_on_the_second(*args, **kwargs):
         calls.append(1)
@@ -92,10 +94,10 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
             raise KeyboardInterrupt("killed")
         return real_make_trainer(*args, **kwargs)
 
-    monkeypatch.setattr(tune_stage, "make_trainer", dies_on_the_second)
+    monkeypatch.setattr(train_stage, "make_trainer", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(tune_stage, "make_trainer", real_make_trainer)
+    monkeypatch.setattr(train_stage, "make_trainer", real_make_trainer)
     assert not (tmp_path / "tune" / "sft" / "best.json").exists()
 
     best = run()  # resumes: only the unfinished grid point trains

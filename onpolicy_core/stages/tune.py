@@ -39,8 +39,6 @@ from onpolicy_core.config import (
     to_dict,
     training_file,
 )
-from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
-from onpolicy_core.generation import HFGenerator
 from onpolicy_core.io import (
     InputError,
     atomic_path,
@@ -49,10 +47,8 @@ from onpolicy_core.io import (
     read_problems,
     write_json,
 )
-from onpolicy_core.models import load_materialised, model_identity
-from onpolicy_core.stages.eval import benchmark_metrics, evaluate_benchmark
+from onpolicy_core.models import model_identity
 from onpolicy_core.stages.skeleton import partial_dir, write_run_record
-from onpolicy_core.stages.train import make_trainer, trained_model, training_rows
 from onpolicy_core.statistics import wilson
 from onpolicy_core.tracking import stage_run
 
@@ -155,6 +151,8 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
     from filelock import FileLock, Timeout
     from optuna.trial import TrialState
 
+    from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
+
     model_dir = start_model(paths)
     train_file, val_file = training_file(paths, "original"), Path(paths.data) / "val.jsonl"
     if tune.max_steps != -1:  # else the run's own length (train.common.max_steps or epochs)
@@ -239,6 +237,12 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
 def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tune: TuneConfig, model_dir: Path,
                train_file: str, work: Path, tracking: TrackingConfig):
     """The Optuna objective: train at the trial's rate, score greedily on the validation problems."""
+    # Imported here: torch, TRL and the generators load only when a method is tuned, so a fixed
+    # rate's stage takes a second.
+    from onpolicy_core.generation import HFGenerator
+    from onpolicy_core.models import load_materialised
+    from onpolicy_core.stages.eval import benchmark_metrics, evaluate_benchmark
+    from onpolicy_core.stages.train import make_trainer, trained_model, training_rows
     rows_file = work / "rows.json"
     if rows_file.is_file():  # the rows (DPO/SimPO: the pairs) of an earlier, killed run of this study
         cached = json.loads(rows_file.read_text())
