@@ -174,6 +174,25 @@ def realign(
 
 
 @app.command()
+def tune(
+    method: Annotated[str, typer.Option(help="A method of tune.learning_rates: sft, dft, eaft, eaft_full, idft, dpo, simpo.")] = "sft",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Choose one method's learning rate: a fixed number is written as it is; 'tuned' runs an Optuna
+    grid (tune.grid) in which each trial trains the method and is scored on the validation split.
+
+    Writes <paths.tune>/<method>/best.json (the rate the train runs read), trials.json, metrics.json
+    and validation.png; a killed study resumes with its unfinished grid points. Settings under `tune:`.
+    """
+    from onpolicy_core.stages.tune import run_tune
+
+    p = _load(params, set_)
+    with _user_errors():
+        run_tune(p.tune, p.train, p.eval, p.paths, p.tracking, method)
+
+
+@app.command()
 def train(
     run: Annotated[str, typer.Option(help="<method>-<data>: method in sft, dft, eaft, eaft_full, idft, dpo, simpo; data in original, self_distill, hinted.")] = "idft-original",
     params: ParamsOpt = Path("params.yaml"),
@@ -188,7 +207,7 @@ def train(
 
     p = _load(params, set_)
     with _user_errors():
-        run_train(p.train, p.paths, p.tracking, run)
+        run_train(p.train, p.paths, p.tracking, run, p.tune)
 
 
 @app.command(name="eval")

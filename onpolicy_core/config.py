@@ -415,14 +415,14 @@ class TrainRun:
     """train.idft (IDFT), train.eaft (EAFT), train.preference (DPO, SimPO), else train.common."""
     data: str
     """The training file: <paths.data>/train.jsonl for 'original', else <paths.realign>/<data>/train.jsonl."""
+    rate_file: str
+    """Where the run's learning rate comes from: the tune stage's <paths.tune>/<method>/best.json."""
 
 
 @dataclass
 class TrainCommon:
     """Settings every training method reads."""
 
-    learning_rate: float
-    """Peak learning rate (AdamW)."""
     lr_scheduler: str
     """transformers scheduler name."""
     warmup_ratio: float
@@ -462,8 +462,8 @@ class TrainCommon:
     """LoRA settings."""
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("train.common.learning_rate, batch_size and gradient_accumulation_steps must be positive")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("train.common.batch_size and gradient_accumulation_steps must be positive")
         if self.max_steps == -1 and self.epochs <= 0:
             raise ConfigError("train.common.epochs must be > 0 (or set max_steps)")
         if self.max_steps != -1 and self.max_steps < 1:
@@ -500,6 +500,66 @@ class TrainConfig:
             expected = method_params(method)
             if spec.params != expected:
                 raise ConfigError(f"train.runs.{run}.params must be {expected!r} (the block method {method!r} reads), got {spec.params!r}")
+
+
+TUNED = "tuned"
+"""The learning-rate setting that lets the tune stage choose the rate on the validation split."""
+TuneMetric = Literal["greedy_accuracy", "strict_greedy_accuracy"]
+"""What a tuning trial is judged by: greedy accuracy on the validation split, lenient or strict."""
+
+
+@dataclass
+class MethodRate:
+    """The learning rate of one method: fixed by hand, or chosen by the tune stage."""
+
+    rate: float | Literal["tuned"]
+    """Peak AdamW learning rate, or 'tuned': the best point of `tune.grid` on the validation split."""
+    params: str
+    """The method's params block (as in train.runs; DVC lists it for the tune stage; checked)."""
+
+    def __post_init__(self) -> None:
+        if self.rate != TUNED and self.rate <= 0:
+            raise ValueError(f"learning rate must be > 0 or {TUNED!r}, got {self.rate!r}")
+
+
+@dataclass
+class TuneConfig:
+    """Per-method learning rates (stage `tune`, one DVC stage per method): a number fixed by hand, or
+    'tuned': an Optuna grid search in which each trial trains the method as the train stage does (on
+    the original training set, for `max_steps`) and is scored by greedy accuracy on the validation
+    split (data.n_val problems, never trained on and disjoint from every evaluation benchmark)."""
+
+    learning_rates: dict[Method, MethodRate]
+    """Per method: {rate: <number> | tuned, params: <its params block>}. Every method of train.runs
+    needs an entry; the train runs of a method read the rate from <paths.tune>/<method>/best.json."""
+    grid: list[float]
+    """Learning rates a tuned method tries (absolute values; one trial each)."""
+    max_steps: int
+    """Optimizer steps per trial; -1: the run's own length (train.common.max_steps / epochs)."""
+    val_limit: int | None
+    """Validation problems per trial (a sample seeded by `seed`, the same for every trial); None: all."""
+    metric: TuneMetric
+    """The objective, greedy accuracy on the validation split (lenient or strict). Ties go to the
+    higher other accuracy (strict for lenient and back), then to the lower rate."""
+    seed: int
+    """Seed of the grid order (Optuna's GridSampler) and of the val_limit sample. Trials train with
+    train.common.seed, as the train stage does."""
+
+    def __post_init__(self) -> None:
+        for method, entry in self.learning_rates.items():
+            if entry.params != method_params(method):
+                raise ConfigError(f"tune.learning_rates.{method}.params must be {method_params(method)!r} "
+                                  f"(the block method {method!r} reads), got {entry.params!r}")
+        bad_grid = not self.grid or any(r <= 0 for r in self.grid) or len(set(self.grid)) != len(self.grid)
+        if bad_grid and any(e.rate == TUNED for e in self.learning_rates.values()):
+            raise ConfigError("tune.grid must be distinct learning rates > 0 when a method is 'tuned'")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError("tune.max_steps must be -1 (the run's own length) or >= 1")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise ConfigError("tune.val_limit must be >= 1 or null")
+
+    def tuned(self, method: str) -> bool:
+        return self.learning_rates[method].rate == TUNED
 
 
 @dataclass
@@ -639,6 +699,8 @@ class PathsConfig:
     """One folder per scored corpus (e.g. score/original)."""
     realign: str
     """One folder per Hinted Decoding variant (realign/self_distill, realign/hinted)."""
+    tune: str
+    """One folder per method's learning-rate choice (tune/<method>/best.json, trials.json)."""
     train: str
     """One folder per training run (train/<method>-<data>/model)."""
     eval: str
@@ -652,6 +714,16 @@ class PathsConfig:
 def training_file(paths: PathsConfig, data: str) -> str:
     """The training records of a data choice: the data stage's split or a Hinted Decoding variant."""
     return training_file_under(paths.data, paths.realign, data)
+
+
+def rate_file(paths: PathsConfig, method: str) -> str:
+    """The tune stage's choice of `method`'s learning rate, which its train runs read."""
+    return rate_file_under(paths.tune, method)
+
+
+def rate_file_under(tune_dir: str, method: str) -> str:
+    """`rate_file` from the folder (for params.yaml as raw data, before it is typed)."""
+    return f"{tune_dir}/{method}/best.json"
 
 
 def training_file_under(data_dir: str, realign_dir: str, data: str) -> str:
@@ -714,6 +786,7 @@ class Params:
     data: DataConfig
     score: ScoreConfig
     realign: RealignConfig
+    tune: TuneConfig
     train: TrainConfig
     eval: EvalConfig
     general: GeneralConfig
@@ -721,6 +794,13 @@ class Params:
     scale: ScaleConfig
 
     def __post_init__(self) -> None:
+        for run in self.train.runs:
+            method = parse_run(run)[0]
+            if method not in self.tune.learning_rates:
+                raise ConfigError(f"tune.learning_rates.{method}: missing (train.runs has {run}); give a rate or {TUNED!r}")
+        tuned = sorted(m for m in self.tune.learning_rates if self.tune.tuned(m))
+        if tuned and self.data.n_val == 0:
+            raise ConfigError(f"tune.learning_rates {tuned} are 'tuned' on the validation split: set data.n_val > 0")
         if self.report.metric != "greedy" and self.eval.samples == 0:
             raise ConfigError(f"report.metric {self.report.metric!r} needs eval.samples > 0")
         if self.report.metric == "greedy" and not self.eval.greedy:
@@ -729,9 +809,13 @@ class Params:
     def check_run_files(self) -> None:
         """Each run's `data` is its training file under `paths` (DVC reads it from params.yaml)."""
         for run, spec in self.train.runs.items():
-            expected = training_file(self.paths, parse_run(run)[1])
+            method, data = parse_run(run)
+            expected = training_file(self.paths, data)
             if spec.data != expected:
                 raise ConfigError(f"train.runs.{run}.data must be {expected!r} (its training file under paths), got {spec.data!r}")
+            if spec.rate_file != rate_file(self.paths, method):
+                raise ConfigError(f"train.runs.{run}.rate_file must be {rate_file(self.paths, method)!r} (the tune stage's "
+                                  f"choice for {method!r}), got {spec.rate_file!r}")
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -749,6 +833,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: null is not allowed here")
+    if typing.get_origin(tp) in (Union, types.UnionType):  # e.g. float | Literal['tuned']: the first arm that fits
+        problems = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as exc:
+                problems.append(str(exc).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {' or '.join(problems)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")

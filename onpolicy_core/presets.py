@@ -4,7 +4,8 @@
 comments and key order (ruamel round-trip), and refuses a result that does not load into the typed
 config. params.yaml stays the one place DVC reads settings from; `git diff params.yaml` shows what a
 preset changed. A preset lists `train.runs` by name; it replaces the runs of params.yaml, each spelled
-out with the params block and training file DVC needs (`run_spec`).
+out with the params block, training file and learning-rate file DVC needs (`run_spec`). Likewise a
+preset gives `tune.learning_rates` as `<method>: <rate> | tuned`, spelled out with the method's params block.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from onpolicy_core.config import (
     from_mapping,
     method_params,
     parse_run,
+    rate_file_under,
     training_file_under,
 )
 from onpolicy_core.io import write_text
@@ -30,9 +32,10 @@ def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
 
 
 def run_spec(run: str, paths: dict) -> dict:
-    """The params.yaml entry of a run: its method's params block and its training file."""
+    """The params.yaml entry of a run: its method's params block, its training file and its learning-rate file."""
     method, data = parse_run(run)
-    return {"params": method_params(method), "data": training_file_under(paths["data"], paths["realign"], data)}
+    return {"params": method_params(method), "data": training_file_under(paths["data"], paths["realign"], data),
+            "rate_file": rate_file_under(paths["tune"], method)}
 
 
 def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) -> None:
@@ -45,9 +48,18 @@ def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) ->
 
             runs = CommentedMap()
             for run in value:
-                runs[run] = CommentedMap(run_spec(run, paths))
-                runs[run].fa.set_flow_style()
+                runs[run] = CommentedMap(run_spec(run, paths))  # block style: DVC's writer keeps it, never wraps it
             target[key] = runs
+        elif here == "tune.learning_rates" and isinstance(value, dict):
+            from ruamel.yaml.comments import CommentedMap
+
+            for method, rate in value.items():
+                entry = rate if isinstance(rate, dict) else {"rate": rate, "params": method_params(method)}
+                if method in target[key] and isinstance(target[key][method], dict):
+                    target[key][method].update(entry)  # keeps the entry's comment
+                else:
+                    target[key][method] = CommentedMap(entry)
+                    target[key][method].fa.set_flow_style()
         elif isinstance(value, dict) and isinstance(target[key], dict):
             _merge(target[key], value, here, paths)
         else:

@@ -25,7 +25,16 @@ def _check_types(value, tp, where: str) -> None:
         if value is None:
             assert type(None) in args, f"{where}: null for a non-optional field"
             return
-        (tp,) = [a for a in args if a is not type(None)]
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) > 1:  # e.g. float | Literal['tuned']: one arm must fit
+            problems = []
+            for arm in arms:
+                try:
+                    return _check_types(value, arm, where)
+                except AssertionError as exc:
+                    problems.append(str(exc))
+            raise AssertionError(f"{where}: {value!r} fits none of {arms}: {problems}")
+        (tp,) = arms
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         assert isinstance(value, dict), where
@@ -195,3 +204,40 @@ def test_a_dvc_set_param_change_is_a_one_line_diff(tmp_path, preset):
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(before) == len(after) and len(changed) == 1, changed[:5]
     assert "beta: 0.5" in changed[0][1]
+
+
+def test_learning_rates_are_a_number_or_tuned_for_every_method_of_the_runs(tmp_path):
+    p = load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=tuned", "data.n_val=8", "tune.learning_rates.dft.rate=2e-4"])
+    assert p.tune.learning_rates["sft"].rate == "tuned" and p.tune.tuned("sft") and not p.tune.tuned("dft")
+    assert p.tune.learning_rates["dft"].rate == 2e-4, "YAML's 2e-4 (a string to YAML 1.1) is the number"
+    with pytest.raises(ConfigError, match=r"tune.learning_rates.sft.rate: expected float, got 'fast' or must be one of \['tuned'\]"):
+        load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=fast"])
+    with pytest.raises(ConfigError, match=r"tune.learning_rates.sft: learning rate must be > 0"):
+        load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=0"])
+    with pytest.raises(ConfigError, match=r"tune.learning_rates.idft.params must be 'train.idft'"):
+        load_params(ROOT / "params.yaml", ["tune.learning_rates.idft.params=train.common"])
+    with pytest.raises(ConfigError, match=r"set data.n_val > 0"):
+        load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=tuned"])
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["tune"]["learning_rates"]["dft"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(info.value) and "tune.learning_rates.dft: missing (train.runs has dft-original)" in str(info.value)
+    raw["train"]["runs"] = {k: v for k, v in raw["train"]["runs"].items() if not k.startswith("dft")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert "dft" not in load_params(tmp_path / "params.yaml").tune.learning_rates, "a method no run uses needs no entry"
+    raw["train"]["runs"]["sft-original"]["rate_file"] = "artifacts/tune/dft/best.json"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train.runs.sft-original.rate_file must be 'artifacts/tune/sft/best.json'"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_the_study_preset_tunes_every_method_it_trains_over_a_wide_grid(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    p = apply_preset("study", params, ROOT / "presets")
+    assert all(p.tune.tuned(m) for m in ("sft", "dft", "idft", "dpo", "simpo"))
+    assert {run.split("-")[0] for run in p.train.runs} <= {m for m in p.tune.learning_rates if p.tune.tuned(m)}
+    assert max(p.tune.grid) >= 30 * load_params(ROOT / "params.yaml").tune.learning_rates["sft"].rate
+    assert p.data.n_val > 0 and not hasattr(p.train.common, "learning_rate"), "one definition of each rate"

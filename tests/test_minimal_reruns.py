@@ -67,8 +67,13 @@ def _set(project, dotted: str, value) -> None:
 CHANGES = {
     "train.idft.beta": (0.5, {"train@idft-original", "train@idft-hinted", "eval@idft-original", "eval@idft-hinted", "report"}),
     "realign.mixing.hinted.beta": (0.9, {"realign@hinted", "score@hinted", "train@idft-hinted", "eval@idft-hinted", "report"}),
-    "train.common.learning_rate": (3.0e-4, {f"{s}@{r}" for s in ("train", "eval")
-                                            for r in ("sft-original", "dft-original", "idft-original", "idft-hinted")} | {"report"}),
+    # One method's learning rate: its tune stage, its train runs and what reads them (no other method's).
+    "tune.learning_rates.idft.rate": (3.0e-4, {"tune@idft", "train@idft-original", "train@idft-hinted", "eval@idft-original",
+                                              "eval@idft-hinted", "report"}),
+    # train.common is read by every tune stage (trials train as the runs do) and every run.
+    "train.common.batch_size": (2, {f"tune@{m}" for m in ("sft", "dft", "idft", "eaft", "eaft_full", "dpo", "simpo")}
+                                | {f"{s}@{r}" for s in ("train", "eval") for r in ("sft-original", "dft-original", "idft-original",
+                                                                                 "idft-hinted")} | {"report"}),
     "eval.limit": (8, {"eval-base", "eval@sft-original", "eval@dft-original", "eval@idft-original", "eval@idft-hinted", "report"}),
     "score.thresholds": ([-2.0], {"score@original", "score@self_distill", "score@hinted", "report"}),
     # How many shards run changes no byte (docs/scale.md), so nothing reruns.

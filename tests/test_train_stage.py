@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import write_jsonl
+from onpolicy_core.io import write_json, write_jsonl
 from onpolicy_core.stages import train as train_stage
 from onpolicy_core.training.preference import build_pairs
 from onpolicy_core.training.sft import TokenWeightedSFTTrainer
@@ -51,13 +51,23 @@ def _completion_nll(model, paths) -> float:
 
 
 def _paths(root, tmp_path):
-    return dataclasses.replace(BASE.paths, model=str(root / "model"), policy=str(root / "model"), data=str(root / "data"), train=str(tmp_path / "train"))
+    return dataclasses.replace(BASE.paths, model=str(root / "model"), policy=str(root / "model"), data=str(root / "data"), train=str(tmp_path / "train"),
+                               tune=str(tmp_path / "tune"))
+
+
+def _train(cfg, paths, tracking, run, learning_rate=3e-3):
+    """run_train at `learning_rate`, fixed by hand through the tune stage's best.json (no model)."""
+    from onpolicy_core.stages.tune import fixed_choice
+
+    method = run.split("-")[0]
+    write_json(f"{paths.tune}/{method}/best.json", fixed_choice(method, learning_rate))
+    return train_stage.run_train(cfg, paths, tracking, run)
 
 
 def _cfg(idft=None, **common):
     """Train settings of params.yaml with a tiny, fast common block (and IDFT options if given)."""
     t = BASE.train
-    base = dict(max_steps=4, batch_size=N, learning_rate=3e-3, lr_scheduler="constant", save_steps=2, log_model=False)
+    base = dict(max_steps=4, batch_size=N, lr_scheduler="constant", save_steps=2, log_model=False)
     return dataclasses.replace(t, common=dataclasses.replace(t.common, **{**base, **common}), idft=idft or t.idft,
                                eaft=dataclasses.replace(t.eaft, top_k=5),
                                preference=dataclasses.replace(t.preference, samples_per_prompt=2, max_new_tokens=8))
@@ -67,7 +77,7 @@ def _cfg(idft=None, **common):
 def test_every_method_lowers_its_training_loss(method, tiny_project, tmp_path):
     paths = _paths(tiny_project, tmp_path)
     before = AutoModelForCausalLM.from_pretrained(paths.model)
-    summary = train_stage.run_train(_cfg(), paths, OFF, f"{method}-original")
+    summary = _train(_cfg(), paths, OFF, f"{method}-original")
     losses = summary["loss_history"]
     out = tmp_path / "train" / f"{method}-original"
     after = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -88,7 +98,7 @@ def test_every_method_lowers_its_training_loss(method, tiny_project, tmp_path):
 def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):
     import mlflow
 
-    train_stage.run_train(_cfg(max_steps=3), _paths(tiny_project, tmp_path), dataclasses.replace(BASE.tracking, experiment="train-diag"), "idft-original")
+    _train(_cfg(max_steps=3), _paths(tiny_project, tmp_path), dataclasses.replace(BASE.tracking, experiment="train-diag"), "idft-original")
     client = mlflow.MlflowClient()
     run = mlflow.search_runs(experiment_names=["train-diag"]).iloc[0]
     history = {m.key: m for m in client.get_metric_history(run["run_id"], "idft/lambda")}
@@ -99,6 +109,9 @@ def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):
         assert f"metrics.{key}" in metrics, key
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert {"diagnostics.png", "summary.json", "config.json"} <= artifacts
+    assert (run["params.learning_rate"], run["params.learning_rate_source"]) == ("0.003", "fixed"), "the rate and where it came from"
+    summary = json.loads((tmp_path / "train" / "idft-original" / "summary.json").read_text())
+    assert (summary["learning_rate"], summary["learning_rate_source"]) == (3e-3, "fixed")
     png = (tmp_path / "train" / "idft-original" / "diagnostics.png").read_bytes()
     assert png[:4] == b"\x89PNG"
     assert int.from_bytes(png[16:20], "big") <= 900, "narrow enough for the `dvc plots show` page (no cut right edge)"
@@ -107,7 +120,7 @@ def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):
 def test_killed_training_resumes_at_the_same_step_and_lambda(tiny_project, tmp_path, monkeypatch):
     cfg = _cfg(max_steps=6, save_steps=2, idft=dataclasses.replace(BASE.train.idft, warmup_ratio=0.2, transition_ratio=0.5))
     paths = _paths(tiny_project, tmp_path / "a")
-    straight = train_stage.run_train(cfg, paths, OFF, "idft-original")
+    straight = _train(cfg, paths, OFF, "idft-original")
 
     lambdas = []
     real_step = TokenWeightedSFTTrainer.training_step
@@ -122,9 +135,9 @@ def test_killed_training_resumes_at_the_same_step_and_lambda(tiny_project, tmp_p
     monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", dies_at_step_3)
     paths = _paths(tiny_project, tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        train_stage.run_train(cfg, paths, OFF, "idft-original")
+        _train(cfg, paths, OFF, "idft-original")
     assert not (tmp_path / "b" / "train" / "idft-original" / "model").exists()
-    resumed = train_stage.run_train(cfg, paths, OFF, "idft-original")
+    resumed = _train(cfg, paths, OFF, "idft-original")
     assert resumed["resumed_from"].endswith("checkpoint-2")
     after_resume = [x for x in lambdas[lambdas.index("killed") + 1 :]]
     assert after_resume[0] == (2, pytest.approx((2 / 6 - 0.2) / 0.5)), "step counter and lambda schedule continue"
@@ -157,12 +170,12 @@ def test_checkpoints_made_under_other_settings_are_not_resumed(tiny_project, tmp
 
     monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt), caplog.at_level("INFO", logger="onpolicy_core.stages.train"):
-        train_stage.run_train(_cfg(max_steps=6, save_steps=2), paths, OFF, "sft-original")
+        _train(_cfg(max_steps=6, save_steps=2), paths, OFF, "sft-original")
     assert "discarding" not in caplog.text, "a first run has nothing to discard"
     caplog.clear()
     monkeypatch.setattr(TokenWeightedSFTTrainer, "training_step", real_step)
     with caplog.at_level("INFO", logger="onpolicy_core.stages.train"):
-        other = train_stage.run_train(_cfg(max_steps=6, save_steps=2, learning_rate=1e-2, seed=7), paths, OFF, "sft-original")
+        other = _train(_cfg(max_steps=6, save_steps=2, seed=7), paths, OFF, "sft-original", learning_rate=1e-2)
     assert other["resumed_from"] is None and other["steps"] == 6
     assert "made under other config; starting fresh" in caplog.text
 
@@ -171,11 +184,11 @@ def test_a_trained_model_is_identified_by_its_content(tiny_project, tmp_path):
     from onpolicy_core.models import model_identity, weights_sha256
 
     paths = _paths(tiny_project, tmp_path)
-    train_stage.run_train(_cfg(max_steps=1), paths, OFF, "sft-original")
+    _train(_cfg(max_steps=1), paths, OFF, "sft-original")
     folder = tmp_path / "train" / "sft-original" / "model"
     first = model_identity(folder)
     assert json.loads(first)["weights_sha256"] == weights_sha256(folder)
-    train_stage.run_train(_cfg(max_steps=1, seed=3, learning_rate=1e-2), paths, OFF, "sft-original")
+    _train(_cfg(max_steps=1, seed=3), paths, OFF, "sft-original", learning_rate=1e-2)
     assert model_identity(folder) != first, "a retrained model at the same path is another model to eval's resume"
 
 

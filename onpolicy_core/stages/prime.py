@@ -83,7 +83,7 @@ def primer_training(prime: PrimeConfig) -> TrainCommon:
     """What priming is: plain full fine-tuning with SFT, cosine schedule without warm-up, no weight
     decay, gradients clipped at 1; short enough that a killed run simply starts again."""
     return TrainCommon(
-        learning_rate=prime.learning_rate, lr_scheduler="cosine", warmup_ratio=0.0, epochs=prime.epochs, max_steps=-1,
+        lr_scheduler="cosine", warmup_ratio=0.0, epochs=prime.epochs, max_steps=-1,
         batch_size=prime.batch_size, gradient_accumulation_steps=1, max_length=prime.max_length, weight_decay=0.0,
         max_grad_norm=1.0, gradient_checkpointing=False, lm_head="full", precision="auto", seed=prime.seed,
         save_steps=10**9, save_total_limit=1, logging_steps=1, log_model=False,
@@ -115,7 +115,7 @@ def _train(model, tokenizer, problems: list[Problem], prime: PrimeConfig, work: 
 
     eos = tokenizer.eos_token or ""
     rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + eos} for p in problems]
-    args = SFTConfig(**common_training_args(primer_training(prime), work, tracking), max_length=prime.max_length,
+    args = SFTConfig(**common_training_args(primer_training(prime), prime.learning_rate, work, tracking), max_length=prime.max_length,
                      completion_only_loss=True, loss_type="nll", packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     result = trainer.train()

@@ -3,7 +3,8 @@ uncertainty.
 
 Reads, for the base model and each training run, `<paths.eval>/<model>/records.parquet` (every graded
 response) and `summary.json`; the DDT summary of each training set (`<paths.score>/<data>/summary.json`)
-and the realignment summary of each variant (`<paths.realign>/<variant>/summary.json`). Writes:
+and the realignment summary of each variant (`<paths.realign>/<variant>/summary.json`), and the
+learning rate the tune stage chose for each method (`<paths.tune>/<method>/best.json`). Writes:
 
 - report.md: per benchmark, every model (runs of one method and data under several seeds as one row,
   mean +- sd over seeds) with n, the headline accuracy and the strict (\\boxed{}-only) accuracy with
@@ -39,6 +40,7 @@ from onpolicy_core.config import (
     TrackingConfig,
     TrainData,
     parse_run,
+    rate_file,
     run_group,
     to_dict,
 )
@@ -535,6 +537,35 @@ def plot_comparison(table: dict, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+# --- Learning rates: what the tune stage chose for each method (a section of its own) ---------------
+
+def learning_rates(paths: PathsConfig, runs: list[str]) -> dict[str, dict | None]:
+    """Per method of `runs`, the tune stage's best.json (None when there is none)."""
+    out: dict[str, dict | None] = {}
+    for method in dict.fromkeys(parse_run(r)[0] for r in runs):
+        path = Path(rate_file(paths, method))
+        out[method] = json.loads(path.read_text()) if path.is_file() else None
+    return out
+
+
+def learning_rate_section(rates: dict[str, dict | None]) -> list[str]:
+    """The 'Learning rates' section: per method the rate, fixed by hand or tuned, the grid tried, and
+    the validation accuracy of the best trial with its 95% Wilson interval."""
+    lines = ["## Learning rates", "",
+             ("Each method's peak learning rate, as the tune stage chose it: fixed by hand in params.yaml, or tuned "
+              "over the grid on the validation split (never on the benchmarks above)."), "",
+             "| method | learning rate | source | grid | best trial: validation accuracy [95% CI] | trials |", "|---|---|---|---|---|---|"]
+    for method, best in rates.items():
+        if best is None:
+            lines.append(f"| {method} | – | no best.json (run `onpolicy tune --method {method}`) | – | – | – |")
+            continue
+        grid = ", ".join(f"{r:g}" for r in best["grid"]) if best.get("grid") else "–"
+        o = best.get("objective")
+        score = (f"{_pct(o['value'])} [{_pct(o['low'])}, {_pct(o['high'])}] (n = {o['n']}, {best['metric']})" if o else "–")
+        lines.append(f"| {method} | {best['learning_rate']:g} | {best['source']} | {grid} | {score} | {best['trials']} |")
+    return [*lines, ""]
+
+
 def _read_records(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -653,17 +684,19 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     policy, cost = policy_statistics(paths), cost_table(paths, runs)
     shown = [m for m in models if m == BASE or run_group(m) not in aliases]
     general_section = general_table(paths, general, shown) if general is not None and general.benchmarks else None
+    rates = learning_rates(paths, runs)
     out = Path(paths.report)
     config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
     with stage_run("report", config, tracking, inputs=inputs) as run:
         write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags,
                                                       problems_note(eval_cfg), sets, policy, cost)
+                   + "\n" + "\n".join(learning_rate_section(rates))
                    + ("\n" + render_general(general_section, general) if general_section else ""))
         plot_comparison(table, cfg.metric, out / "comparison.png")
         comparison_json = {"metric": cfg.metric, "metric_key": config["metric_key"], "alpha": ALPHA, "table": table,
                            "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags,
-                           "training_sets": sets, "same_data": aliases, "policy": policy, "cost": cost}
+                           "training_sets": sets, "same_data": aliases, "policy": policy, "cost": cost, "learning_rates": rates}
         if general_section:
             comparison_json["general"] = general_section
         write_json(out / "comparison.json", comparison_json)

@@ -2,13 +2,17 @@
 
 Methods dispatch through `TRAINERS`, a plain dict: sft/dft/eaft/idft share the token-weighted
 `SFTTrainer` subclass; dpo uses TRL's `DPOTrainer`; simpo uses TRL's `CPOTrainer` with
-loss_type='simpo' and cpo_alpha=0. Checkpoints live outside the DVC output, so a killed run resumes
-from its last checkpoint (optimizer, scheduler, step and so IDFT's lambda schedule included).
+loss_type='simpo' and cpo_alpha=0. The learning rate is the one the tune stage chose for the method
+(<paths.tune>/<method>/best.json: fixed by hand or tuned on the validation split). Checkpoints live
+outside the DVC output, so a killed run resumes from its last checkpoint (optimizer, scheduler, step and
+so IDFT's lambda schedule included). The tune stage trains its trials with the same pieces
+(`training_rows`, `make_trainer`, `trained_model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -20,12 +24,15 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from onpolicy_core.config import (
+    TUNED,
     PathsConfig,
     TrackingConfig,
     TrainCommon,
     TrainConfig,
+    TuneConfig,
     method_params,
     parse_run,
+    rate_file,
     run_seed,
     to_dict,
     training_file,
@@ -33,6 +40,7 @@ from onpolicy_core.config import (
 from onpolicy_core.generation import HFGenerator, SamplingSpec
 from onpolicy_core.grading import grade
 from onpolicy_core.io import (
+    InputError,
     atomic_dir,
     atomic_path,
     claim_work_dir,
@@ -61,11 +69,11 @@ def _precision(cfg: TrainCommon) -> dict:
     return {"bf16": bf16, "fp16": False}
 
 
-def common_training_args(cfg: TrainCommon, out: Path, tracking: TrackingConfig) -> dict:
+def common_training_args(cfg: TrainCommon, learning_rate: float, out: Path, tracking: TrackingConfig) -> dict:
     """TrainingArguments shared by every method; every default that changes the math is explicit."""
     return dict(
         output_dir=str(out),
-        learning_rate=cfg.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         num_train_epochs=cfg.epochs,
@@ -100,22 +108,27 @@ def _peft_config(cfg: TrainCommon):
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
 
 
-def _sft_trainer(method: str, cfg: TrainConfig, model, tokenizer, problems: list[Problem], out: Path, tracking: TrackingConfig, summary: dict):
+def _sft_rows(tokenizer, problems: list[Problem], summary: dict) -> list[dict]:
+    rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + (tokenizer.eos_token or "")} for p in problems]
+    summary["examples"] = len(rows)
+    return rows
+
+
+def _sft_trainer(method: str, cfg: TrainConfig, learning_rate: float, model, tokenizer, rows: list[dict], out: Path,
+                 tracking: TrackingConfig):
     from datasets import Dataset
     from trl import SFTConfig
 
-    rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + (tokenizer.eos_token or "")} for p in problems]
-    args = SFTConfig(**common_training_args(cfg.common, out, tracking), max_length=cfg.common.max_length, completion_only_loss=True,
-                     loss_type="nll", packing=False)
-    summary["examples"] = len(rows)
+    args = SFTConfig(**common_training_args(cfg.common, learning_rate, out, tracking), max_length=cfg.common.max_length,
+                     completion_only_loss=True, loss_type="nll", packing=False)
     return TokenWeightedSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=_peft_config(cfg.common), method=method, idft=cfg.idft, eaft=cfg.eaft, lm_head=cfg.common.lm_head,
     )
 
 
-def _preference_dataset(model, tokenizer, problems: list[Problem], cfg: TrainConfig, summary: dict):
-    from datasets import Dataset
+def _preference_rows(model, tokenizer, problems: list[Problem], cfg: TrainConfig, summary: dict) -> list[dict]:
+    """Chosen/rejected pairs from graded samples of `model` (the model before training)."""
     from tqdm import tqdm
 
     pc = cfg.preference
@@ -133,26 +146,28 @@ def _preference_dataset(model, tokenizer, problems: list[Problem], cfg: TrainCon
     if not pairs:
         raise ValueError(f"no preference pairs could be built ({dict(counts)}); try more samples_per_prompt or no_correct='reference'")
     eos = tokenizer.eos_token or ""
-    return Dataset.from_list([{"prompt": prompts[q.index], "chosen": q.chosen + eos, "rejected": q.rejected + eos} for q in pairs])
+    return [{"prompt": prompts[q.index], "chosen": q.chosen + eos, "rejected": q.rejected + eos} for q in pairs]
 
 
-def _dpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary):
+def _dpo_trainer(method, cfg, learning_rate, model, tokenizer, rows, out, tracking):
+    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
-    args = DPOConfig(**common_training_args(cfg.common, out, tracking), beta=cfg.preference.dpo_beta,
+    args = DPOConfig(**common_training_args(cfg.common, learning_rate, out, tracking), beta=cfg.preference.dpo_beta,
                      loss_type=[cfg.preference.dpo_loss_type], max_length=cfg.common.max_length)
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg.common))
+    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=_peft_config(cfg.common))
 
 
-def _simpo_trainer(method, cfg, model, tokenizer, problems, out, tracking, summary):
+def _simpo_trainer(method, cfg, learning_rate, model, tokenizer, rows, out, tracking):
+    from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    dataset = _preference_dataset(model, tokenizer, problems, cfg, summary)
     pc = cfg.preference
-    args = CPOConfig(**common_training_args(cfg.common, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha, beta=pc.simpo_beta,
-                     simpo_gamma=pc.simpo_gamma, max_length=cfg.common.max_length)
-    return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg.common))
+    args = CPOConfig(**common_training_args(cfg.common, learning_rate, out, tracking), loss_type="simpo", cpo_alpha=pc.cpo_alpha,
+                     beta=pc.simpo_beta, simpo_gamma=pc.simpo_gamma, max_length=cfg.common.max_length)
+    return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=_peft_config(cfg.common))
 
 
 TRAINERS = {
@@ -164,6 +179,47 @@ TRAINERS = {
     "dpo": _dpo_trainer,
     "simpo": _simpo_trainer,
 }
+"""The trainer of each method: (method, cfg, learning_rate, model, tokenizer, rows, out, tracking) -> trainer."""
+
+
+def training_rows(method: str, cfg: TrainConfig, model, tokenizer, problems: list[Problem], summary: dict) -> list[dict]:
+    """The method's training rows: prompt/completion for the token-weighted methods; for DPO/SimPO,
+    pairs sampled from `model` before it trains (the tune stage samples them once for all trials)."""
+    if TRAINERS[method] is _sft_trainer:
+        return _sft_rows(tokenizer, problems, summary)
+    return _preference_rows(model, tokenizer, problems, cfg, summary)
+
+
+def make_trainer(method: str, cfg: TrainConfig, learning_rate: float, model, tokenizer, rows: list[dict], out: Path,
+                 tracking: TrackingConfig):
+    """The TRL trainer of `method` at `learning_rate`, checkpointing into `out`."""
+    return TRAINERS[method](method, cfg, learning_rate, model, tokenizer, rows, out, tracking)
+
+
+def trained_model(trainer, common: TrainCommon):
+    """The trained model as it is saved (LoRA adapters merged when train.common.lora.merge)."""
+    trained = trainer.model
+    if common.lora.enabled and common.lora.merge:
+        trained = trained.merge_and_unload()
+    return trained
+
+
+def read_learning_rate(paths: PathsConfig, method: str, tune: TuneConfig | None = None) -> tuple[float, str]:
+    """(rate, 'fixed' | 'tuned') from the tune stage's best.json of `method`. With `tune`, a file
+    that no longer matches its setting (another fixed number, or fixed vs tuned, or another grid)
+    is an error rather than a silent stale rate."""
+    path = Path(rate_file(paths, method))
+    if not path.is_file():
+        raise InputError(f"{path}: no learning rate for {method!r}; run `onpolicy tune --method {method}` (or `dvc repro tune@{method}`)")
+    best = json.loads(path.read_text())
+    if tune is not None and method in tune.learning_rates:
+        setting = tune.learning_rates[method].rate
+        stale = (best["source"] != "tuned" or best["grid"] != tune.grid) if setting == TUNED else \
+            (best["source"] != "fixed" or best["learning_rate"] != setting)
+        if stale:
+            raise InputError(f"{path}: chosen under other settings (source {best['source']}, rate {best['learning_rate']}) than "
+                             f"tune.learning_rates.{method} = {setting}; rerun `onpolicy tune --method {method}`")
+    return float(best["learning_rate"]), best["source"]
 
 
 def plot_diagnostics(log_history: list[dict], path: Path, title: str, ranges: dict[str, tuple[float, float]]) -> bool:
@@ -221,24 +277,29 @@ def _method_options(method: str, cfg: TrainConfig) -> dict:
     return {block: to_dict(getattr(cfg, block))} if block != "common" else {}
 
 
-def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, run: str) -> dict:
-    """Train `run` ('<method>-<data>[-s<seed>]'); write <paths.train>/<run>/model and metrics.json."""
+def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, run: str, tune: TuneConfig | None = None) -> dict:
+    """Train `run` ('<method>-<data>[-s<seed>]') at the learning rate the tune stage chose for its
+    method (checked against `tune` when given); write <paths.train>/<run>/model and metrics.json."""
     method, data = parse_run(run)
+    learning_rate, source = read_learning_rate(paths, method, tune)
     cfg = dataclasses.replace(cfg, common=dataclasses.replace(cfg.common, seed=run_seed(run, cfg.common.seed)))
     out = Path(paths.train) / run
     checkpoints = Path(paths.train) / ".checkpoints" / run
     data_file = training_file(paths, data)
     problems = read_problems(data_file)
-    config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data}
+    config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data,
+              "learning_rate": learning_rate, "learning_rate_source": source}
     # Under `accelerate launch` / torchrun (data parallel) every rank trains; rank 0 alone logs to
     # MLflow and writes the outputs, and the other ranks wait for it, then return.
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK in every process
     with stage_run("train", config, tracking if main else dataclasses.replace(tracking, enabled=False), run_name=f"train-{run}",
-                   inputs=[paths.policy, data_file]) as handle:
+                   inputs=[paths.policy, data_file, rate_file(paths, method)]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
         model, tokenizer = load_materialised(paths.policy)
-        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed}
-        trainer = TRAINERS[method](method, cfg, model, tokenizer, problems, checkpoints, tracking, summary)
+        summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed, "learning_rate": learning_rate,
+                         "learning_rate_source": source}
+        rows = training_rows(method, cfg, model, tokenizer, problems, summary)
+        trainer = make_trainer(method, cfg, learning_rate, model, tokenizer, rows, checkpoints, tracking)
         ranks = PartialState()  # as the trainer's arguments configured it
         fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.policy)}
         with ranks.main_process_first():  # one rank claims (or discards) the checkpoint folder
@@ -262,9 +323,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
         train_loss = sum(history) / len(history) if history and resume else result.training_loss
         summary.update(steps=trainer.state.global_step, train_loss=train_loss, loss_history=history)
         record = {"resumed_from": resume, "seconds": round(time.perf_counter() - start, 1), "mlflow_run_id": handle.run_id}
-        trained = trainer.model
-        if cfg.common.lora.enabled and cfg.common.lora.merge:
-            trained = trained.merge_and_unload()
+        trained = trained_model(trainer, cfg.common)
         with atomic_dir(out / "model") as tmp:
             trained.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
