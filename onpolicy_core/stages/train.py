@@ -281,12 +281,12 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     """Train `run` ('<method>-<data>[-s<seed>]') at the learning rate the tune stage chose for its
     method (checked against `tune` when given); write <paths.train>/<run>/model and metrics.json."""
     method, data = parse_run(run)
-    learning_rate, source = read_learning_rate(paths, method, tune)
     cfg = dataclasses.replace(cfg, common=dataclasses.replace(cfg.common, seed=run_seed(run, cfg.common.seed)))
     out = Path(paths.train) / run
     checkpoints = Path(paths.train) / ".checkpoints" / run
     data_file = training_file(paths, data)
     problems = read_problems(data_file)
+    learning_rate, source = read_learning_rate(paths, method, tune)  # after the training file: its error comes first
     config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data,
               "learning_rate": learning_rate, "learning_rate_source": source}
     # Under `accelerate launch` / torchrun (data parallel) every rank trains; rank 0 alone logs to
