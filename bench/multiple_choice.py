@@ -38,8 +38,17 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def worker(spec: dict) -> dict:
-    from onpolicy_core.choices import encode_question, predictions, reference_logprob, score_questions
-    from onpolicy_core.data.multiple_choice import context, continuations, load_choice_set
+    from onpolicy_core.choices import (
+        encode_question,
+        predictions,
+        reference_logprob,
+        score_questions,
+    )
+    from onpolicy_core.data.multiple_choice import (
+        context,
+        continuations,
+        load_choice_set,
+    )
     from onpolicy_core.models import load_materialised
 
     model, tok = load_materialised(spec["model"])
