@@ -38,8 +38,17 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def worker(spec: dict) -> dict:
-    from onpolicy_core.choices import encode_question, predictions, reference_logprob, score_questions
-    from onpolicy_core.data.multiple_choice import context, continuations, load_choice_set
+    from onpolicy_core.choices import (
+        encode_question,
+        predictions,
+        reference_logprob,
+        score_questions,
+    )
+    from onpolicy_core.data.multiple_choice import (
+        context,
+        continuations,
+        load_choice_set,
+    )
     from onpolicy_core.models import load_materialised
 
     model, tok = load_materialised(spec["model"])
@@ -71,13 +80,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-facts", action="store_true", help="skip the matmul-rate facts (slow where bf16 is emulated)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         emit(worker(json.loads(args.worker)))
         return
-    facts = machine_facts()
-    print_facts(facts)
+    facts = {} if args.no_facts else machine_facts()
+    if facts:
+        print_facts(facts)
     folder = str(model_dir())
     results = {}
     for method, batch in (("naive", 1), ("cached-b1", 1), ("cached-b8", 8)):
