@@ -22,7 +22,7 @@ from onpolicy_core.tracking import pipeline_run
 from tasks.dvc_stage import run_dvc_stage
 
 STAGE_TIMEOUTS_S = {
-    "model": 3600, "data": 3600, "score": 4 * 3600, "realign": 12 * 3600, "train": 24 * 3600,
+    "model": 3600, "data": 3600, "prime": 4 * 3600, "tune": 24 * 3600, "score": 4 * 3600, "realign": 12 * 3600, "train": 24 * 3600,
     "eval-base": 12 * 3600, "eval": 12 * 3600, "general-base": 4 * 3600, "general": 4 * 3600, "report": 600,
 }
 """Per-stage timeout by stage name (the part before '@'); the paper-scale settings need the long ones."""

@@ -170,7 +170,7 @@ def realign(
     sharding = _sharding(shard, num_shards, merge)
     p = _load(params, set_)
     with _user_errors():
-        run_realign(p.realign, p.paths, p.tracking, variant, input, output, shard=sharding, merge=merge)
+        run_realign(p.realign, p.paths, p.tracking, p.model, variant, input, output, shard=sharding, merge=merge)
 
 
 @app.command()

@@ -98,7 +98,9 @@ class ModelConfig:
     trust_remote_code: bool
     """Allow the model's own Python code from the hub. Off unless you trust the repository."""
     dtype: Literal["float32", "bfloat16", "float16"]
-    """dtype of the saved weights."""
+    """dtype of the saved weights and of the policy wherever it decodes (realign, eval, general, and
+    vLLM for each). Score keeps float32 weights (`score.precision` sets its matmuls) and training keeps
+    float32 master weights (`train.common.precision` sets mixed precision)."""
     prime: PrimeConfig
     """Priming into the answer format before every later stage (stage `prime`)."""
 

@@ -137,7 +137,7 @@ def test_realign_stage_on_vllm_matches_the_hf_backend(tmp_path, embedded_model_d
         for backend in ("hf", "vllm"):
             p = default_config(f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}", "tracking.enabled=false", "realign.decoding.greedy=true",
                                "realign.decoding.max_new_tokens=72", "realign.batch_size=4", f"realign.backend={backend}")
-            summary = run_realign(p.realign, p.paths, p.tracking, variant, corpus, tmp_path / f"{variant}-{backend}")
+            summary = run_realign(p.realign, p.paths, p.tracking, p.model, variant, corpus, tmp_path / f"{variant}-{backend}")
             rows[backend] = read_jsonl(tmp_path / f"{variant}-{backend}" / "records.jsonl")
         assert summary["decoded_by"] == {"vllm": 5}, summary["decoded_by"]
         assert [{k: r[k] for k in keys} for r in rows["vllm"]] == [{k: r[k] for k in keys} for r in rows["hf"]]

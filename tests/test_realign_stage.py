@@ -49,7 +49,7 @@ def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_di
 def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embedded_model_dir):
     out = tmp_path / "hinted"
     p = _config(embedded_model_dir, "realign.on_unverified=drop", "tracking.enabled=true")
-    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, "hinted", corpus, out)
+    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, p.model, "hinted", corpus, out)
     records = read_jsonl(out / "records.jsonl")
     train = read_jsonl(out / "train.jsonl")
     assert len(records) == 5 and summary["examples"] == 5
@@ -73,11 +73,25 @@ def test_realign_stage_writes_records_policy_and_summary(tmp_path, corpus, embed
 def test_fallback_policy_keeps_every_example(tmp_path, corpus, embedded_model_dir):
     p = _config(embedded_model_dir, "realign.on_unverified=fallback", "realign.decoding.greedy=true")
     out = tmp_path / "sd"
-    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, "self_distill", corpus, out)
+    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, p.model, "self_distill", corpus, out)
     train = read_jsonl(out / "train.jsonl")
     assert len(train) == 5 and summary["beta"] == 0.0 and summary["mean_lambda"] in (0.0, None)
     for t in train:
         assert t["solution"] == (t["original_solution"] if t["realign_outcome"] == "fallback_original" else t["solution"])
+
+
+def test_the_policy_decodes_in_model_dtype(tmp_path, corpus, embedded_model_dir, monkeypatch):
+    """model.dtype is the one dtype setting: under bfloat16 (the paper preset) realign decodes in bf16."""
+    p = _config(embedded_model_dir, "model.dtype=bfloat16", "realign.decoding.max_new_tokens=4")
+    seen, real = [], realign_stage.realign_records
+
+    def recording(model, *args, **kwargs):
+        seen.append(str(model.dtype))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(realign_stage, "realign_records", recording)
+    summary = realign_stage.run_realign(p.realign, p.paths, p.tracking, p.model, "hinted", corpus, tmp_path / "bf16")
+    assert seen == ["torch.bfloat16"] and summary["dtype"] == "bfloat16"
 
 
 def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_model_dir, monkeypatch):
@@ -95,13 +109,13 @@ def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_mode
     monkeypatch.setattr(realign_stage, "hinted_generate", dies_on_second_shard)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, out)
+        realign_stage.run_realign(cfg, paths, tracking, p.model, "hinted", corpus, out)
     assert not (out / "train.jsonl").exists()
     calls["n"] = 10
-    realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, out)
+    realign_stage.run_realign(cfg, paths, tracking, p.model, "hinted", corpus, out)
     assert calls["n"] == 12, "the finished unit was reused: two batches left (units of 2 and 1)"
     monkeypatch.setattr(realign_stage, "hinted_generate", real)
-    realign_stage.run_realign(cfg, paths, tracking, "hinted", corpus, tmp_path / "fresh")
+    realign_stage.run_realign(cfg, paths, tracking, p.model, "hinted", corpus, tmp_path / "fresh")
     assert (out / "records.jsonl").read_text() == (tmp_path / "fresh" / "records.jsonl").read_text()
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from onpolicy_core import ddt
 from onpolicy_core.config import (
+    ModelConfig,
     PathsConfig,
     RealignConfig,
     RealignVariant,
@@ -260,21 +261,23 @@ def summarise(rows: list[dict], variant: str, mixing: MixingOptions) -> dict:
     }
 
 
-def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig, variant: RealignVariant,
+def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig, model_cfg: ModelConfig, variant: RealignVariant,
                 input_path: str | Path | None = None, output_dir: str | Path | None = None,
                 shard: Shard | None = None, merge: bool = False) -> dict | None:
     """Realign the input (whole), one shard's units of it (`shard`: no outputs, returns None), or
-    write the outputs from every shard's units (`merge`)."""
+    write the outputs from every shard's units (`merge`). The policy decodes in `model.dtype`, on HF
+    and on vLLM alike."""
     input_path = Path(input_path or Path(paths.data) / "train.jsonl")
     out = Path(output_dir or Path(paths.realign) / variant)
     problems = read_problems(input_path)
     mixing = variant_mixing(cfg, variant)
     # Only what this variant reads: the other variant's mixing does not touch its fingerprint.
     config = {"realign": {k: v for k, v in output_settings(cfg).items() if k != "mixing"}, "mixing": to_dict(mixing),
-              "variant": variant, "input": str(input_path)}
+              "variant": variant, "input": str(input_path), "dtype": model_cfg.dtype}
     fingerprint = {"config": config, "input": file_sha256(input_path)}
     with model_stage("realign", config | {"workers": cfg.workers}, tracking, out=out, model_dir=paths.policy, fingerprint=fingerprint,
-                     inputs=[paths.policy, input_path], run_name=f"realign-{variant}", shard=shard, merge=merge) as stage:
+                     inputs=[paths.policy, input_path], run_name=f"realign-{variant}", dtype=model_cfg.dtype, shard=shard,
+                     merge=merge) as stage:
         start = time.perf_counter()
 
         def realign_units(units: range | None) -> list[dict]:
@@ -286,7 +289,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
                     from onpolicy_core.hinted_vllm import make_engine
                 except ImportError as exc:
                     raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
-                engine = make_engine(str(paths.policy), cfg.vllm, dtype=str(stage.model.dtype).removeprefix("torch."), seed=cfg.seed)
+                engine = make_engine(str(paths.policy), cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed)
             return realign_records(stage.model, stage.tokenizer, problems, cfg, variant, stage.shards, engine, units)
 
         total = n_units(len(problems), cfg.work_unit)
@@ -302,6 +305,7 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
         train = apply_policy(rows, cfg.on_unverified)
         summary = summarise(rows, variant, mixing)
         summary["train_examples"] = len(train)
+        summary["dtype"] = model_cfg.dtype
         write_jsonl(out / "records.jsonl", rows)
         write_jsonl(out / "train.jsonl", train)
         write_json(out / "summary.json", summary)

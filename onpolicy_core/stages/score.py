@@ -206,7 +206,10 @@ def run_score(
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision))
     fingerprint = {"score": output_settings(cfg), "input_sha256": file_sha256(input_path), "response_field": response_field}
     with model_stage("score", config, tracking, out=out, model_dir=paths.policy, fingerprint=fingerprint,
-                     inputs=[paths.policy, input_path], run_name=f"score-{name}", shard=shard, merge=merge) as stage:
+                     inputs=[paths.policy, input_path], run_name=f"score-{name}", shard=shard, merge=merge,
+                     # float32 weights whatever model.dtype is: score.precision sets the matmuls (bf16
+                     # autocast or fp32), and log p and H are taken in float32 either way.
+                     dtype="float32") as stage:
         start = time.perf_counter()
         total = n_units(len(problems), cfg.work_unit)
         if shard is not None:

@@ -76,10 +76,11 @@ def partial_dir(out: Path) -> Path:
 
 @contextlib.contextmanager
 def model_stage(stage: str, config: dict, tracking: TrackingConfig, *, out: Path, model_dir: str | Path, fingerprint: dict,
-                inputs: Sequence[str | Path], run_name: str, parent_run_id: str | None = None, load_model: bool = True,
-                dtype: str = "float32", shard: Shard | None = None, merge: bool = False) -> Iterator[ModelStage]:
+                inputs: Sequence[str | Path], run_name: str, dtype: str, parent_run_id: str | None = None,
+                load_model: bool = True, shard: Shard | None = None, merge: bool = False) -> Iterator[ModelStage]:
     """Open the stage run (not in a shard worker), load the model (or only its tokenizer: always
-    when merging) and the work units of `out`; the units are cleared after a whole run or a merge."""
+    when merging) in `dtype` (each stage names its own: no default here) and the work units of `out`;
+    the units are cleared after a whole run or a merge."""
     opened = (contextlib.nullcontext(None) if shard is not None else
               stage_run(stage, config, tracking, run_name=run_name, parent_run_id=parent_run_id, inputs=list(inputs)))
     with opened as run:
