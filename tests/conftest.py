@@ -37,6 +37,21 @@ def pytest_collection_modifyitems(items):
         item.add_marker(getattr(pytest.mark, tier))
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """The CLI (run in-process by typer's CliRunner) points the root logger at the runner's stderr,
+    which closes after the invocation: put back the handlers that were there, so later tests in this
+    process log safely (a closed stream left on the root logger sends Prefect's API log handler into
+    a recursion of logging errors)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_tracking(tmp_path_factory):
     """Every test logs to a throwaway MLflow SQLite store, never to the project's mlflow.db."""

@@ -128,18 +128,6 @@ IN_A_PROCESS = {"unreachable hub dataset"}
 """Run as a real process: `datasets` binds its log handlers to the stderr of the first in-process run."""
 
 
-@pytest.fixture(autouse=True)
-def _root_logging_restored():
-    """The CLI points the root logger at the runner's stderr, which closes after each invocation:
-    put back the handlers that were there, so later tests in this process log safely."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
 
 def _invoke(case: str, argv: list[str], env: dict) -> tuple[int, str]:
     if case in IN_A_PROCESS:

@@ -21,6 +21,11 @@ def test_accelerate_launch_two_cpu_processes_trains_one_model(tmp_path, embedded
     settings = [f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}", f"paths.data={tmp_path / 'data'}", f"paths.train={tmp_path / 'train'}",
                 "tracking.enabled=false", "train.common.max_steps=3", "train.common.batch_size=2", "train.common.max_length=96",
                 "train.common.save_steps=1000", "train.common.log_model=false"]
+    # The run reads its learning rate from the tune stage's choice (params.yaml fixes SFT's by hand, so no model is needed;
+    # it lands in ./artifacts/tune of the run's folder).
+    tuned = subprocess.run([str(BIN / "onpolicy"), "tune", "--method", "sft", "--params", str(ROOT / "params.yaml"),
+                            *[a for s in settings for a in ("--set", s)]], cwd=tmp_path, env=bin_env(), capture_output=True, text=True)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
     # accelerate 1.15 starts several CPU processes only through MPI (`--cpu`), which is not installed here;
     # its torchrun launcher (`--multi_gpu`) starts them without it, and with no GPU the ranks join over gloo.
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",

@@ -65,15 +65,21 @@ def _set(project, dotted: str, value) -> None:
 
 
 CHANGES = {
-    "train.idft.beta": (0.5, {"train@idft-original", "train@idft-hinted", "eval@idft-original", "eval@idft-hinted", "report"}),
-    "realign.mixing.hinted.beta": (0.9, {"realign@hinted", "score@hinted", "train@idft-hinted", "eval@idft-hinted", "report"}),
+    # IDFT's own setting: its tune stage (trials train as the runs do), its runs and what reads their models.
+    "train.idft.beta": (0.5, {"tune@idft", "train@idft-original", "train@idft-hinted", "eval@idft-original", "eval@idft-hinted",
+                              "general@idft-original", "general@idft-hinted", "report"}),
+    "realign.mixing.hinted.beta": (0.9, {"realign@hinted", "score@hinted", "train@idft-hinted", "eval@idft-hinted",
+                                         "general@idft-hinted", "report"}),
     # One method's learning rate: its tune stage, its train runs and what reads them (no other method's).
     "tune.learning_rates.idft.rate": (3.0e-4, {"tune@idft", "train@idft-original", "train@idft-hinted", "eval@idft-original",
-                                              "eval@idft-hinted", "report"}),
+                                              "eval@idft-hinted", "general@idft-original", "general@idft-hinted", "report"}),
     # train.common is read by every tune stage (trials train as the runs do) and every run.
     "train.common.batch_size": (2, {f"tune@{m}" for m in ("sft", "dft", "idft", "eaft", "eaft_full", "dpo", "simpo")}
-                                | {f"{s}@{r}" for s in ("train", "eval") for r in ("sft-original", "dft-original", "idft-original",
+                                | {f"{s}@{r}" for s in ("train", "eval", "general") for r in ("sft-original", "dft-original", "idft-original",
                                                                                  "idft-hinted")} | {"report"}),
+    # General-ability settings reach the general stages only (and the report that reads them).
+    "general.limit": (8, {"general-base", "general@sft-original", "general@dft-original", "general@idft-original",
+                          "general@idft-hinted", "report"}),
     "eval.limit": (8, {"eval-base", "eval@sft-original", "eval@dft-original", "eval@idft-original", "eval@idft-hinted", "report"}),
     "score.thresholds": ([-2.0], {"score@original", "score@self_distill", "score@hinted", "report"}),
     # How many shards run changes no byte (docs/scale.md), so nothing reruns.
