@@ -24,7 +24,8 @@ pytestmark = pytest.mark.service
 
 SMALL = {"data.arithmetic.n": 14, "data.n_eval": 4, "realign.backend": "hf", "realign.decoding.max_new_tokens": 8,
          "realign.batch_size": 2, "realign.work_unit": 2, "score.work_unit": 4, "eval.limit": 3, "eval.max_new_tokens": 12, "eval.work_unit": 2, "tracking.registry": False,
-         "scale.poll_s": 0.5}
+         "scale.poll_s": 0.5,
+         "model.prime.enabled": "off"}  # scale-out is tested here, priming in test_prime_stage and the pipeline tests
 REALIGN = Path("artifacts/realign/hinted")
 REALIGN_FILES = ("records.jsonl", "train.jsonl", "summary.json", "metrics.json")
 
