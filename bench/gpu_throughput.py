@@ -51,8 +51,8 @@ def timed(fn) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    from onpolicy_core.hinted import hinted_generate
-    from onpolicy_core.options import DecodeOptions, MixingOptions
+    from onpolicy_core.algorithms.hinted import hinted_generate
+    from onpolicy_core.algorithms.options import DecodeOptions, MixingOptions
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(SHAPES))

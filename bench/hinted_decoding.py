@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     GSM8K_TRAIN,
     emit,
     gsm8k,
@@ -42,7 +42,7 @@ from common import (  # noqa: E402
 
 
 def prompts(n: int, tokenizer):
-    from onpolicy_core.prompts import render_hinted_prompt, render_prompt
+    from onpolicy_core.algorithms.prompts import render_hinted_prompt, render_prompt
 
     problems = gsm8k(GSM8K_TRAIN)[:n]
     hinted = [tokenizer(render_hinted_prompt(tokenizer, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
@@ -54,7 +54,7 @@ def hinted_options(beta: float = 0.5, **decoding):
     """(DecodeOptions, MixingOptions): params.yaml's realign settings with `decoding` fields replaced."""
     import dataclasses
 
-    from onpolicy_core.config import default_params
+    from onpolicy_core.plumbing.config import default_params
 
     realign = default_params().realign
     return dataclasses.replace(realign.decoding, **decoding), dataclasses.replace(realign.mixing.hinted, beta=beta)
@@ -65,8 +65,8 @@ def worker(spec: dict) -> dict:
 
     import torch
 
-    from onpolicy_core.hinted import hinted_generate, reference_generate
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.algorithms.hinted import hinted_generate, reference_generate
+    from onpolicy_core.plumbing.models import load_materialised
 
     method, n, batch, new_tokens = spec["method"], spec["n"], spec["batch"], spec["new_tokens"]
     if method == "vllm":  # vLLM loads its own copy: no HF model in this process's peak memory
@@ -85,8 +85,8 @@ def worker(spec: dict) -> dict:
         return hinted_options(beta=0.5, greedy=True, max_new_tokens=tokens, answer_marker="\\boxed{", repetition_window=10**9)
 
     if method == "vllm":
-        from onpolicy_core.config import default_params
-        from onpolicy_core.hinted_vllm import make_engine, vllm_hinted_generate
+        from onpolicy_core.decoding.hinted_vllm import make_engine, vllm_hinted_generate
+        from onpolicy_core.plumbing.config import default_params
 
         engine = make_engine(spec["model"], default_params().realign.vllm, dtype="float32", seed=0)
 

@@ -1,4 +1,4 @@
-"""Benchmark: multiple-choice log-likelihood scoring, the naive method against `onpolicy_core.choices`.
+"""Benchmark: multiple-choice log-likelihood scoring, the naive method against `onpolicy_core.algorithms.choices`.
 
   naive      lm-eval's method: one full forward of context + continuation per choice (full logits,
              fp32 softmax) = `choices.reference_logprob` per choice
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     ROOT,
     emit,
     machine_facts,
@@ -38,7 +38,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def worker(spec: dict) -> dict:
-    from onpolicy_core.choices import (
+    from onpolicy_core.algorithms.choices import (
         encode_question,
         predictions,
         reference_logprob,
@@ -49,7 +49,7 @@ def worker(spec: dict) -> dict:
         continuations,
         load_choice_set,
     )
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.plumbing.models import load_materialised
 
     model, tok = load_materialised(spec["model"])
     questions = load_choice_set("arc_easy", DATA, spec["n"], "first", 0).questions
@@ -66,7 +66,7 @@ def worker(spec: dict) -> dict:
     timing = median_time(run, spec["reps"], warmup=lambda: run(encoded[:8]))
     import torch
 
-    from onpolicy_core.choices import ChoiceScores
+    from onpolicy_core.algorithms.choices import ChoiceScores
 
     logprobs = timing["result"]
     preds = [predictions(ChoiceScores(torch.tensor(lp), torch.zeros(len(lp))), [len(c) for c in q.choices])

@@ -102,7 +102,7 @@ def table() -> str:
 def main() -> None:
     text = DOC.read_text()
     block = f"{START}\n{table()}{END}"
-    new, n = re.subn(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    new, n = re.subn(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
     if n != 1:
         raise SystemExit(f"error: {DOC} needs exactly one {START} ... {END} block")
     DOC.write_text(new)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     GSM8K_TRAIN,
     emit,
     gsm8k,
@@ -42,7 +42,7 @@ from common import (  # noqa: E402
 def naive_idft_trainer_class():
     import torch
 
-    from onpolicy_core.options import IDFTOptions
+    from onpolicy_core.algorithms.options import IDFTOptions
     from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 
     class NaiveIDFTTrainer(TokenWeightedSFTTrainer):
@@ -71,8 +71,8 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig
 
-    from onpolicy_core.models import load_materialised
-    from onpolicy_core.prompts import render_prompt
+    from onpolicy_core.algorithms.prompts import render_prompt
+    from onpolicy_core.plumbing.models import load_materialised
     from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
                      loss_type="nll", dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=False)
     import dataclasses
 
-    from onpolicy_core.config import default_params
+    from onpolicy_core.plumbing.config import default_params
 
     train = default_params().train
     cls = naive_idft_trainer_class() if method == "idft-naive" else TokenWeightedSFTTrainer

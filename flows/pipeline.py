@@ -16,9 +16,9 @@ import networkx as nx
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from onpolicy_core.config import load_params
+from onpolicy_core.plumbing.config import load_params
+from onpolicy_core.plumbing.tracking import pipeline_run
 from onpolicy_core.stages.skeleton import read_run_record
-from onpolicy_core.tracking import pipeline_run
 from tasks.dvc_stage import run_dvc_stage
 
 STAGE_TIMEOUTS_S = {

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from onpolicy_core.config import ConfigError, load_params
+from onpolicy_core.plumbing.config import ConfigError, load_params
 from tasks.shard import run_shard_command
 
 SHARDED_STAGES = ("score", "realign", "eval")

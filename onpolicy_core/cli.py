@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from onpolicy_core.config import ConfigError, Params, load_params
+from onpolicy_core.plumbing.config import ConfigError, Params, load_params
 
 app = typer.Typer(
     help="On-Policy SFT pipeline stages. Each reads params.yaml; --set overrides one key.",
@@ -64,11 +64,11 @@ def _load(params: Path, overrides: list[str] | None) -> Params:
 def _user_errors():
     """Bad input and bad settings end in one clear line (file, line, reason) and exit code 2,
     not a traceback; anything else is a bug and keeps its traceback."""
+    from onpolicy_core.data.io import InputError
     from onpolicy_core.data.sources import SourceError
-    from onpolicy_core.generation import BackendUnavailable
-    from onpolicy_core.io import InputError
-    from onpolicy_core.models import ModelSourceError
-    from onpolicy_core.tracking import TrackingUnavailable
+    from onpolicy_core.decoding.generation import BackendUnavailable
+    from onpolicy_core.plumbing.models import ModelSourceError
+    from onpolicy_core.plumbing.tracking import TrackingUnavailable
 
     try:
         yield
@@ -162,7 +162,7 @@ def realign(
     """
     from typing import get_args
 
-    from onpolicy_core.config import RealignVariant
+    from onpolicy_core.plumbing.config import RealignVariant
     from onpolicy_core.stages.realign import run_realign
 
     if variant not in get_args(RealignVariant):
@@ -268,7 +268,7 @@ def preset(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Apply a preset onto params.yaml (comments kept; the result is validated before it is written)."""
-    from onpolicy_core.presets import apply_preset
+    from onpolicy_core.plumbing.presets import apply_preset
 
     logging.basicConfig(level=logging.INFO)
     with _user_errors():
@@ -283,7 +283,7 @@ def repro(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
     import subprocess
     import sys
 
-    from onpolicy_core.tracking import pipeline_run
+    from onpolicy_core.plumbing.tracking import pipeline_run
 
     p = _load(params, None)
     with _user_errors(), pipeline_run(p.tracking, tags={"onpolicy.entry": "onpolicy repro"}) as run_id:

@@ -129,7 +129,7 @@ def make_project(path: Path, **settings) -> Path:
     runs carry a git commit."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", "prefect.yaml"):
         shutil.copy(ROOT / name, path / name)
-    for folder in ("onpolicy_core", "tasks", "flows", "benchmarks"):
+    for folder in ("onpolicy_core", "tasks", "flows", "custom_benchmarks"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((path / "params.yaml").read_text())
     # A small priming: the stage runs for real (8 problems, 2 steps), in seconds rather than minutes.
@@ -159,7 +159,7 @@ def project(tmp_path):
 def arithmetic_corpus(path: Path, n: int, min_steps: int, max_steps: int, max_operand: int, seed: int) -> Path:
     """A JSONL file of `n` built-in arithmetic problems in the record format."""
     from onpolicy_core.data.arithmetic import generate
-    from onpolicy_core.io import write_jsonl
+    from onpolicy_core.data.io import write_jsonl
 
     write_jsonl(path, (p.to_dict() for p in generate(n, min_steps, max_steps, max_operand, seed=seed)))
     return path
@@ -167,7 +167,7 @@ def arithmetic_corpus(path: Path, n: int, min_steps: int, max_steps: int, max_op
 
 def default_config(*overrides: str):
     """The project's params.yaml as the typed config (the one source of defaults), with overrides."""
-    from onpolicy_core.config import default_params
+    from onpolicy_core.plumbing.config import default_params
 
     return default_params(list(overrides))
 
@@ -177,7 +177,7 @@ def hinted_options(**fields):
     with fields of either replaced by name."""
     import dataclasses
 
-    from onpolicy_core.options import DecodeOptions, MixingOptions
+    from onpolicy_core.algorithms.options import DecodeOptions, MixingOptions
 
     realign = default_config().realign
     mixing_names = {f.name for f in dataclasses.fields(MixingOptions)}

@@ -157,8 +157,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, monkey
 
 
 def test_a_numeric_zero_is_an_answer(tmp_path):
+    from onpolicy_core.algorithms.options import FieldMap
     from onpolicy_core.data.sources import load_source
-    from onpolicy_core.options import FieldMap
 
     path = _jsonl(tmp_path / "z.jsonl", [{"problem": "1-1?", "solution": "so 0", "answer": 0}])
     loaded = load_source(str(path), "math", FieldMap(question="problem", solution="solution", answer="answer", id=None), 4000)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from onpolicy_core.algorithms.grading import grade
 from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
 from onpolicy_core.data.registry import BENCHMARKS, FILE
 from onpolicy_core.data.sources import SourceError
-from onpolicy_core.grading import grade
 
 EXPECTED_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "minerva": 272}
 TRAIN = Generator(max_steps=4, max_operand=20)
@@ -56,7 +56,7 @@ def test_arithmetic_ood_is_harder_than_training_and_self_consistent(tmp_path):
 
 def test_held_out_split_is_the_data_stage_eval_file(tmp_path):
     from onpolicy_core.data.arithmetic import generate
-    from onpolicy_core.io import write_jsonl
+    from onpolicy_core.data.io import write_jsonl
 
     path = tmp_path / "eval.jsonl"
     write_jsonl(path, (p.to_dict() for p in generate(5, 2, 3, 10, seed=0)))
@@ -72,7 +72,7 @@ def test_missing_file_names_the_path_and_the_hub_option(tmp_path):
 
 
 def test_unknown_benchmark_is_a_config_error():
-    from onpolicy_core.config import ConfigError, default_params
+    from onpolicy_core.plumbing.config import ConfigError, default_params
 
     with pytest.raises(ConfigError, match="unknown"):
         default_params(["eval.benchmarks=[gsm8k, olympiad]"])
@@ -87,7 +87,7 @@ SVAMP_ROWS = [  # the SVAMP layout (Body + Question, numeric Answer) and ASDiv-s
 def test_a_benchmark_declared_in_params_loads_with_template_and_units(tmp_path):
     import json
 
-    from onpolicy_core.config import ConfigError, default_params
+    from onpolicy_core.plumbing.config import ConfigError, default_params
 
     path = tmp_path / "svamp.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in SVAMP_ROWS))

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from onpolicy_core.choices import (
+from onpolicy_core.algorithms.choices import (
     encode_question,
     predictions,
     reference_logprob,
@@ -58,7 +58,7 @@ def test_bad_shapes_are_refused(tiny_model):
 
 
 def test_acc_norm_divides_by_the_choice_characters():
-    from onpolicy_core.choices import ChoiceScores
+    from onpolicy_core.algorithms.choices import ChoiceScores
 
     s = ChoiceScores(torch.tensor([-4.0, -6.0]), torch.tensor([2, 3]))
     assert predictions(s, [2, 6]) == (0, 1)  # -2.0 per char vs -1.0 per char

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onpolicy_core import config as config_module
-from onpolicy_core import options
-from onpolicy_core.config import ConfigError, Params, load_params
-from onpolicy_core.presets import apply_preset, available
+from onpolicy_core.algorithms import options
+from onpolicy_core.plumbing import config as config_module
+from onpolicy_core.plumbing.config import ConfigError, Params, load_params
+from onpolicy_core.plumbing.presets import apply_preset, available
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -153,7 +153,7 @@ def test_cross_field_checks():
 
 
 def test_run_names_and_their_dvc_entries(tmp_path):
-    from onpolicy_core.config import parse_run, run_group, run_seed
+    from onpolicy_core.plumbing.config import parse_run, run_group, run_seed
 
     assert parse_run("idft-original-s1") == ("idft", "original") and run_seed("idft-original-s1", 0) == 1
     assert parse_run("eaft_full-hinted") == ("eaft_full", "hinted")

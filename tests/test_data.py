@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from onpolicy_core.algorithms.grading import grade
+from onpolicy_core.algorithms.options import FieldMap
 from onpolicy_core.data.arithmetic import generate
+from onpolicy_core.data.io import read_jsonl
 from onpolicy_core.data.sources import SourceError, gsm8k_solution, load_source
-from onpolicy_core.grading import grade
-from onpolicy_core.io import read_jsonl
-from onpolicy_core.options import FieldMap
 from onpolicy_core.stages.data import run_data
 from tests.conftest import default_config
 

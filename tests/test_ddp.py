@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import write_jsonl
+from onpolicy_core.data.io import write_jsonl
 from tests.conftest import BIN, ROOT, bin_env
 
 pytestmark = pytest.mark.service

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from onpolicy_core.ddt import (
+from onpolicy_core.algorithms.ddt import (
     example_stats,
     length_batches,
     reference_scores,
@@ -98,7 +98,7 @@ def test_phi_is_centred_on_the_models_own_samples(temperature):
 
 
 def test_example_stats_shares():
-    from onpolicy_core.ddt import TokenScores
+    from onpolicy_core.algorithms.ddt import TokenScores
 
     s = TokenScores(torch.tensor([-0.5, -4.0, -0.1, -6.0]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
     stats = example_stats(s, [-1.0, -5.0])

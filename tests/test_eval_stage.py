@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import write_jsonl
+from onpolicy_core.data.io import write_jsonl
 from onpolicy_core.stages import eval as eval_stage
 from onpolicy_core.stages.skeleton import partial_dir, write_run_record
 from tests.conftest import default_config
@@ -106,7 +106,7 @@ def test_killed_eval_resumes_from_finished_benchmarks(tmp_path, embedded_model_d
 
 
 def test_eval_of_a_missing_model_fails_before_leaving_anything(tmp_path, embedded_model_dir):
-    from onpolicy_core.io import InputError
+    from onpolicy_core.data.io import InputError
 
     paths = _project(tmp_path, embedded_model_dir)
     with pytest.raises(InputError, match=r"no model for 'dft-original'; run `dvc repro train@dft-original`"):
@@ -124,7 +124,7 @@ def test_vllm_backend_matches_hf_greedy_accuracy(tmp_path, embedded_model_dir):
     vl = eval_stage.run_eval(dataclasses.replace(cfg, backend="vllm"), paths, off, MODEL, DATA, "base")
     vl_records = pd.read_parquet(tmp_path / "eval" / "base" / "records.parquet")
     assert len(vl_records) == len(hf_records) == 3 * 3
-    greedy = lambda r: r[r["mode"] == "greedy"]["response"].tolist()  # noqa: E731
+    greedy = lambda r: r[r["mode"] == "greedy"]["response"].tolist()
     same = sum(a == b for a, b in zip(greedy(hf_records), greedy(vl_records)))
     assert same >= 2, (greedy(hf_records), greedy(vl_records))  # near-ties may flip one (see test_generation)
     assert set(vl["arithmetic"]) == set(hf["arithmetic"])

@@ -5,7 +5,12 @@ import math
 
 import pytest
 
-from onpolicy_core.evaluation import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
+from onpolicy_core.algorithms.evaluation import (
+    avg_at_k,
+    mean_pass_at_k,
+    pass_at_k,
+    pass_ks,
+)
 from onpolicy_core.stages.eval import benchmark_metrics
 
 

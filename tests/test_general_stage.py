@@ -10,9 +10,9 @@ import json
 import pandas as pd
 import pytest
 
-from onpolicy_core.config import ConfigError
 from onpolicy_core.data.multiple_choice import load_choice_set
 from onpolicy_core.data.sources import SourceError
+from onpolicy_core.plumbing.config import ConfigError
 from onpolicy_core.stages import general as general_stage
 from onpolicy_core.stages.skeleton import partial_dir, run_record_path
 from tests.conftest import SHARED_DATA, default_config
@@ -93,9 +93,9 @@ def _setup(tmp_path, model_dir, data_root, **kw):
 def test_general_stage_on_real_arc_easy(tmp_path, embedded_model_dir, arc_easy):
     import mlflow
 
-    from onpolicy_core.choices import reference_logprob
+    from onpolicy_core.algorithms.choices import reference_logprob
     from onpolicy_core.data.multiple_choice import context, continuations
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.plumbing.models import load_materialised
 
     paths, cfg = _setup(tmp_path, embedded_model_dir, arc_easy)
     tracking = dataclasses.replace(BASE.tracking, enabled=True, experiment="test-general")

@@ -4,8 +4,13 @@ with HF on greedy outputs (token-identical, or a difference explained by a near-
 import pytest
 import torch
 
-from onpolicy_core.generation import Completion, HFGenerator, SamplingSpec, _completion
-from onpolicy_core.prompts import render_prompt
+from onpolicy_core.algorithms.prompts import render_prompt
+from onpolicy_core.decoding.generation import (
+    Completion,
+    HFGenerator,
+    SamplingSpec,
+    _completion,
+)
 from tests.conftest import default_config
 
 VLLM_1024 = __import__("dataclasses").replace(default_config().eval.vllm, max_model_len=1024)
@@ -24,7 +29,7 @@ NEAR_TIE = 0.05
 
 @pytest.fixture(scope="module")
 def embedded(embedded_model_dir):
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.plumbing.models import load_materialised
 
     return load_materialised(embedded_model_dir)
 
@@ -77,7 +82,7 @@ def _first_divergence(a: tuple, b: tuple) -> int | None:
 
 def test_vllm_greedy_agrees_with_hf(embedded, embedded_model_dir, prompt_ids):
     pytest.importorskip("vllm")
-    from onpolicy_core.generation import VLLMGenerator
+    from onpolicy_core.decoding.generation import VLLMGenerator
 
     model, tok = embedded
     spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=32, seed=0)

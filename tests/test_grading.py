@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from onpolicy_core import grading
-from onpolicy_core.grading import extract_answer, grade, last_boxed
+from onpolicy_core.algorithms import grading
+from onpolicy_core.algorithms.grading import extract_answer, grade, last_boxed
 
 
 def test_equivalent_forms_and_wrong_answers():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from onpolicy_core import hinted
-from onpolicy_core.hinted import (
+from onpolicy_core.algorithms import hinted
+from onpolicy_core.algorithms.hinted import (
     FIRST,
     MIX,
     PLAIN,
@@ -113,10 +113,10 @@ def box_decode(ids):
 def test_box_scope_hands_back_to_the_mixture_when_the_box_closes(scope):
     """marker_scope 'box': plain-only inside each box, mixing again after it, re-armed at the next
     box; 'rest' (the official demo): plain-only from the first marker to the end."""
-    from onpolicy_core.hinted import _PairState
+    from onpolicy_core.algorithms.hinted import PairState
 
     opts = hinted_options(max_new_tokens=100, answer_marker="\\boxed{", marker_scope=scope, **NO_GUARD)[0]
-    state = _PairState(opts, {1}, box_decode, None)
+    state = PairState(opts, {1}, box_decode, None)
     phases = []
     for token in [5, BOX, 7, 8, CLOSE, 9, 10, BOX, 11, CLOSE, 12]:
         state.push(token, 0.5)
@@ -136,7 +136,7 @@ def test_box_scope_batched_equals_the_reference(model, use_cache):
     tokens = [t for d in free for t in d.token_ids]
     box, close = max(set(tokens), key=tokens.count), sorted(set(tokens), key=tokens.count)[-2]
     mapping = {box: "\\boxed{", close: "}"}
-    dec = lambda ids: "".join(mapping.get(i, f"<{i}>") for i in ids)  # noqa: E731
+    dec = lambda ids: "".join(mapping.get(i, f"<{i}>") for i in ids)
     opts = hinted_options(beta=0.8, greedy=True, max_new_tokens=24, answer_marker="\\boxed{", marker_scope="box", **NO_GUARD)
     got = hinted_generate(model, HINTED, PLAIN_PROMPTS, *opts, [1], dec)
     assert sum(d.switches for d in got) >= 2, "the test needs boxes to open and close"
@@ -190,13 +190,13 @@ def test_repetition_guard_catches_a_loop_in_a_short_output():
 @pytest.mark.parametrize("seed", range(5))
 def test_rolling_guard_fires_at_the_first_prefix_that_repeats(seed):
     """Whatever the token stream, the guard stops exactly where the offline check `repeats` first holds."""
-    from onpolicy_core.hinted import _PairState
+    from onpolicy_core.algorithms.hinted import PairState
 
     g = torch.Generator().manual_seed(seed)
     unit = torch.randint(2, 9, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
     stream = torch.randint(2, 30, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist() + unit * 12
     opts = hinted_options(max_new_tokens=10**6, answer_marker=None, repetition_window=4, repetition_count=3)
-    state = _PairState(opts[0], {1}, decode, None)
+    state = PairState(opts[0], {1}, decode, None)
     for token in stream:
         state.push(token, 0.0)
         if state.finish:

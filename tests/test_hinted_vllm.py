@@ -8,12 +8,12 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm import SamplingParams  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from onpolicy_core import hinted_vllm  # noqa: E402
-from onpolicy_core.hinted import hinted_generate  # noqa: E402
-from onpolicy_core.hinted_vllm import (  # noqa: E402
+from onpolicy_core.algorithms.hinted import hinted_generate
+from onpolicy_core.decoding import hinted_vllm
+from onpolicy_core.decoding.hinted_vllm import (
     DESYNC,
     EXTRA_KEY,
     RESULTS,
@@ -21,7 +21,7 @@ from onpolicy_core.hinted_vllm import (  # noqa: E402
     _waves,
     vllm_hinted_generate,
 )
-from tests.conftest import default_config, hinted_options  # noqa: E402
+from tests.conftest import default_config, hinted_options
 
 EOS = 2
 OPTS = hinted_options(beta=0.5, greedy=True, max_new_tokens=8, answer_marker=None)
@@ -126,7 +126,7 @@ def test_waves_keep_each_wave_within_the_token_budget():
 def test_realign_stage_on_vllm_matches_the_hf_backend(tmp_path, embedded_model_dir):
     """Both variants (beta 0 and beta > 0) on problems of mixed lengths, greedy, marker switch on."""
     from onpolicy_core.data.arithmetic import generate
-    from onpolicy_core.io import read_jsonl, write_jsonl
+    from onpolicy_core.data.io import read_jsonl, write_jsonl
     from onpolicy_core.stages.realign import run_realign
 
     corpus = tmp_path / "train.jsonl"
@@ -154,10 +154,10 @@ def engine(embedded_model_dir):
 
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_vllm_backend_gives_the_hf_generators_greedy_tokens(engine, embedded_model_dir, beta):
+    from onpolicy_core.algorithms.prompts import render_hinted_prompt, render_prompt
     from onpolicy_core.data.arithmetic import generate
-    from onpolicy_core.generation import stop_token_ids
-    from onpolicy_core.models import load_materialised
-    from onpolicy_core.prompts import render_hinted_prompt, render_prompt
+    from onpolicy_core.decoding.generation import stop_token_ids
+    from onpolicy_core.plumbing.models import load_materialised
 
     model, tok = load_materialised(embedded_model_dir)
     problems = generate(3, 1, 2, 9, seed=1) + generate(2, 5, 6, 50, seed=2)  # mixed prompt lengths
@@ -166,7 +166,7 @@ def test_vllm_backend_gives_the_hf_generators_greedy_tokens(engine, embedded_mod
     assert len({len(h) for h in hinted}) > 1
     opts = hinted_options(beta=beta, greedy=True, max_new_tokens=72)
     eos = sorted(stop_token_ids(model, tok))
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
     hf = hinted_generate(model, hinted, plain, *opts, eos, decode, pad_token_id=tok.pad_token_id or 0)
     vl = vllm_hinted_generate(engine, hinted, plain, *opts, eos)
     assert all(v is not None for v in vl), "no pair lost lockstep"

@@ -88,7 +88,7 @@ def test_server_scripts_bind_to_loopback_by_default():
 
 @pytest.mark.parametrize("name", ["cpu-default", "gsm8k", "paper"])
 def test_presets_apply_to_params_yaml_and_load(tmp_path, name):
-    from onpolicy_core.presets import apply_preset
+    from onpolicy_core.plumbing.presets import apply_preset
 
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
@@ -101,8 +101,8 @@ def test_presets_apply_to_params_yaml_and_load(tmp_path, name):
 
 
 def test_unknown_preset_key_is_an_error(tmp_path):
-    from onpolicy_core.config import ConfigError
-    from onpolicy_core.presets import apply_preset
+    from onpolicy_core.plumbing.config import ConfigError
+    from onpolicy_core.plumbing.presets import apply_preset
 
     (tmp_path / "presets").mkdir()
     (tmp_path / "presets" / "bad.yaml").write_text("train: {lerning_rate: 1.0e-05}\n")

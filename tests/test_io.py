@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from onpolicy_core import io
+from onpolicy_core.data import io
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from trl.trainer.utils import selective_log_softmax_and_entropy
 
-from onpolicy_core.losses import (
+from onpolicy_core.algorithms.losses import (
     histogram_shares,
     idft_lambda,
     token_loss,
@@ -16,7 +16,7 @@ from onpolicy_core.losses import (
     topk_entropy,
     weighted_nll,
 )
-from onpolicy_core.options import IDFTOptions
+from onpolicy_core.algorithms.options import IDFTOptions
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,11 @@ import json
 import pytest
 import torch
 
-from onpolicy_core.models import ModelSourceError, load_materialised, resolve_source
+from onpolicy_core.plumbing.models import (
+    ModelSourceError,
+    load_materialised,
+    resolve_source,
+)
 from tests.conftest import default_config
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import write_jsonl
-from onpolicy_core.models import weights_sha256
+from onpolicy_core.data.io import write_jsonl
+from onpolicy_core.plumbing.models import weights_sha256
 from onpolicy_core.stages.prime import primer_problems, priming_on, run_prime
 from tests.conftest import default_config
 
@@ -75,7 +75,7 @@ def test_priming_off_writes_the_models_own_files(tmp_path, embedded_model_dir):
 
 
 def test_priming_needs_the_data_splits(tmp_path, embedded_model_dir):
-    from onpolicy_core.io import InputError
+    from onpolicy_core.data.io import InputError
 
     model, data, paths, tracking = _setup(tmp_path, embedded_model_dir)
     with pytest.raises(InputError, match="disjoint"):

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from onpolicy_core import hinted
+from onpolicy_core.algorithms import hinted
+from onpolicy_core.algorithms.prompts import render_hinted_prompt, render_prompt
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import read_jsonl
-from onpolicy_core.models import load_materialised
-from onpolicy_core.prompts import render_hinted_prompt, render_prompt
+from onpolicy_core.data.io import read_jsonl
+from onpolicy_core.plumbing.models import load_materialised
 from onpolicy_core.stages import realign as realign_stage
 from tests.conftest import arithmetic_corpus, default_config, hinted_options
 
@@ -31,7 +31,7 @@ def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_di
     hinted_ids = [tok(render_hinted_prompt(tok, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
     plain_ids = [tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]
     assert len({len(h) for h in hinted_ids}) == 3, "mixed prompt lengths, so left padding is exercised"
-    decode = lambda ids: tok.decode(ids)  # noqa: E731
+    decode = lambda ids: tok.decode(ids)
     switches = []
     for beta in (0.0, 0.6):
         opts = hinted_options(beta=beta, greedy=True, max_new_tokens=40, answer_marker="\\boxed{")
@@ -125,7 +125,7 @@ LOOP = ("Mia starts with 14 cookies.\n" + "One share of 14 is 2. " * 6 + "One sh
 def test_looping_truncated_text_is_not_verified_though_its_last_number_matches():
     """The case found on main: a loop cut off at the length limit, whose last number is the gold
     answer, was accepted because the grader falls back to the last number without a \\boxed{}."""
-    from onpolicy_core.grading import grade
+    from onpolicy_core.algorithms.grading import grade
 
     assert grade(LOOP, "1").correct, "the lenient (Qwen-style) grader accepts it"
     assert realign_stage.verify(LOOP, "length", "1") == (False, "truncated", None)
@@ -162,8 +162,11 @@ def test_steps_and_a_second_answer_are_checked_after_the_final_answer(text, step
 
 
 def test_step_check_catches_arithmetic_and_chain_errors_and_passes_every_reference():
+    from onpolicy_core.algorithms.grading import (
+        answer_after_box,
+        check_arithmetic_steps,
+    )
     from onpolicy_core.data.arithmetic import generate
-    from onpolicy_core.grading import answer_after_box, check_arithmetic_steps
 
     assert check_arithmetic_steps("7 + 3 = 10. 10 \\times 2 = 20", "21").error == "final answer 21 is not the last result 20"
     assert check_arithmetic_steps("3 + 4 = 7 * 2 = 14", "14") == check_arithmetic_steps("3 + 4 = 7. 7 * 2 = 14.", "14")

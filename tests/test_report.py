@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from onpolicy_core.io import InputError, write_json
+from onpolicy_core.algorithms.statistics import mcnemar_exact, wilson
+from onpolicy_core.data.io import InputError, write_json
 from onpolicy_core.stages.report import run_report
-from onpolicy_core.statistics import mcnemar_exact, wilson
 from tests.conftest import default_config
 
 BASE = default_config()
@@ -146,7 +146,7 @@ def test_plot_takes_accuracies_of_exactly_zero_and_one(tmp_path):
 def test_a_run_on_data_identical_to_another_runs_is_not_a_separate_result(tmp_path):
     """All rewrites fell back: the hinted set trains on exactly the original (question, solution)
     pairs, so idft-hinted is idft-original under another name; the report flags both facts."""
-    from onpolicy_core.io import write_jsonl
+    from onpolicy_core.data.io import write_jsonl
     from onpolicy_core.stages.report import data_flags, same_data, training_sets
 
     paths = dataclasses.replace(BASE.paths, data=str(tmp_path / "data"), realign=str(tmp_path / "realign"))

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from onpolicy_core import ddt
-from onpolicy_core.io import InputError
+from onpolicy_core.algorithms import ddt
+from onpolicy_core.data.io import InputError
 from onpolicy_core.stages import score as score_stage
 from onpolicy_core.stages.skeleton import partial_dir
 from tests.conftest import arithmetic_corpus, default_config

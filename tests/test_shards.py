@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import UnitsMissing, write_jsonl
+from onpolicy_core.data.io import UnitsMissing, write_jsonl
 from onpolicy_core.stages import eval as eval_stage
 from onpolicy_core.stages.skeleton import Shard
 from tests.conftest import default_config

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from onpolicy_core.statistics import (
+from onpolicy_core.algorithms.statistics import (
     bootstrap_mean,
     holm,
     mcnemar_exact,

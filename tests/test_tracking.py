@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import yaml
 
-from onpolicy_core.tracking import dvc_lock_hashes, pipeline_run, stage_run
+from onpolicy_core.plumbing.tracking import dvc_lock_hashes, pipeline_run, stage_run
 from tests.conftest import default_config
 
 TRACKING = dataclasses.replace(default_config().tracking, experiment="test-tracking")

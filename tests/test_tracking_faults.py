@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 
-from onpolicy_core.tracking import TrackingUnavailable, stage_run
+from onpolicy_core.plumbing.tracking import TrackingUnavailable, stage_run
 from tests.conftest import ROOT, default_config
 
 pytestmark = pytest.mark.service
@@ -23,12 +23,12 @@ TRACKING = default_config().tracking
 class _HealthyButBroken(http.server.BaseHTTPRequestHandler):
     """/health says OK; every API call answers 503 (a server whose database is down)."""
 
-    def do_GET(self):  # noqa: N802 - the http.server API
+    def do_GET(self):
         self.send_response(200 if self.path == "/health" else 503)
         self.end_headers()
         self.wfile.write(b"OK" if self.path == "/health" else b"Service Unavailable")
 
-    do_POST = do_GET  # noqa: N815
+    do_POST = do_GET
 
     def log_message(self, *args):
         pass
@@ -69,7 +69,7 @@ def test_cli_turns_the_failing_server_into_one_line(broken_server, tmp_path):
 
 KILLED_STAGE = """
 import os, signal, sys
-from onpolicy_core.tracking import stage_run
+from onpolicy_core.plumbing.tracking import stage_run
 from tests.conftest import default_config
 import dataclasses
 tracking = dataclasses.replace(default_config().tracking, experiment="orphans")
@@ -96,7 +96,7 @@ def test_a_run_left_running_by_kill_9_is_closed_at_the_next_start(tmp_path, monk
 
 FIRST_USE = """
 import dataclasses, sys
-from onpolicy_core.tracking import stage_run
+from onpolicy_core.plumbing.tracking import stage_run
 from tests.conftest import default_config
 tracking = dataclasses.replace(default_config().tracking, experiment="together")
 with stage_run(sys.argv[1], {"x": 1}, tracking) as run:

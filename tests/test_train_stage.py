@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.io import write_json, write_jsonl
+from onpolicy_core.data.io import write_json, write_jsonl
 from onpolicy_core.stages import train as train_stage
 from onpolicy_core.training.preference import build_pairs
 from onpolicy_core.training.sft import TokenWeightedSFTTrainer
@@ -38,10 +38,10 @@ def tiny_project(tmp_path_factory, tokenizer):
 
 @torch.no_grad()
 def _completion_nll(model, paths) -> float:
-    from onpolicy_core.ddt import score_batch
-    from onpolicy_core.io import read_jsonl
-    from onpolicy_core.models import load_materialised
-    from onpolicy_core.prompts import encode_pair, render_prompt
+    from onpolicy_core.algorithms.ddt import score_batch
+    from onpolicy_core.algorithms.prompts import encode_pair, render_prompt
+    from onpolicy_core.data.io import read_jsonl
+    from onpolicy_core.plumbing.models import load_materialised
 
     _, tok = load_materialised(paths.model)
     pairs = [encode_pair(tok, render_prompt(tok, r["question"]), r["solution"] + tok.eos_token)
@@ -181,7 +181,7 @@ def test_checkpoints_made_under_other_settings_are_not_resumed(tiny_project, tmp
 
 
 def test_a_trained_model_is_identified_by_its_content(tiny_project, tmp_path):
-    from onpolicy_core.models import model_identity, weights_sha256
+    from onpolicy_core.plumbing.models import model_identity, weights_sha256
 
     paths = _paths(tiny_project, tmp_path)
     _train(_cfg(max_steps=1), paths, OFF, "sft-original")
@@ -197,7 +197,7 @@ def test_full_and_fused_lm_heads_give_the_same_loss_and_gradient(method):
     """`train.common.lm_head` picks a speed/memory trade-off, never a different loss."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from onpolicy_core.losses import token_loss, token_weights
+    from onpolicy_core.algorithms.losses import token_loss, token_weights
     from onpolicy_core.training.sft import _logit_outputs
 
     model = make_tiny_model(vocab_size=64, seed=3)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from onpolicy_core.config import MethodRate
-from onpolicy_core.io import InputError, write_jsonl
+from onpolicy_core.data.io import InputError, write_jsonl
+from onpolicy_core.plumbing.config import MethodRate
 from onpolicy_core.stages import tune as tune_stage
 from onpolicy_core.stages.train import read_learning_rate
 from tests.conftest import default_config
@@ -140,7 +140,7 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
 
 @pytest.mark.unit
 def test_the_report_lists_each_methods_learning_rate(tmp_path):
-    from onpolicy_core.io import write_json
+    from onpolicy_core.data.io import write_json
     from onpolicy_core.stages.report import learning_rate_section, learning_rates
 
     paths = dataclasses.replace(BASE.paths, tune=str(tmp_path / "tune"))

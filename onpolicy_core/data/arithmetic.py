@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from onpolicy_core.records import Problem
+from onpolicy_core.data.records import Problem
 
 NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sara", "Tom", "Yuki", "Ines"]
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "shells", "cards", "pencils", "cookies", "stamps"]

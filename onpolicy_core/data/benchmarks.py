@@ -13,7 +13,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from onpolicy_core.algorithms.options import BenchmarkFile
 from onpolicy_core.data import arithmetic
+from onpolicy_core.data.io import read_problems
+from onpolicy_core.data.records import Problem
 from onpolicy_core.data.registry import (
     BENCHMARKS,
     GENERATED_OOD,
@@ -21,9 +24,6 @@ from onpolicy_core.data.registry import (
     VALIDATION,
 )
 from onpolicy_core.data.sources import LoadResult, SourceError, load_source
-from onpolicy_core.io import read_problems
-from onpolicy_core.options import BenchmarkFile
-from onpolicy_core.records import Problem
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class BenchmarkSource:
     """Benchmarks declared in params.yaml, beside the built-in registry."""
 
 
-def _subsample(problems: list[Problem], limit: int | None, seed: int, order: str = "random") -> list[Problem]:
+def subsample(problems: list[Problem], limit: int | None, seed: int, order: str = "random") -> list[Problem]:
     """`limit` problems in file order: the first ones, or a seeded sample (the whole set when limit is None)."""
     if limit is None or limit >= len(problems):
         return problems
@@ -75,7 +75,7 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         spec = where.custom[name]
         loaded = load_source(spec.path, spec.format, spec.fields, max_chars=1_000_000,
                              question_template=spec.question_template, answer_normalization=spec.answer_normalization)
-        return _subsample(loaded.problems, where.limit, where.seed, where.limit_order), loaded
+        return subsample(loaded.problems, where.limit, where.seed, where.limit_order), loaded
     if name not in BENCHMARKS:
         raise SourceError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} and eval.custom_benchmarks {sorted(where.custom)}")
     bench = BENCHMARKS[name]
@@ -86,7 +86,7 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         problems = read_problems(split)
         if not problems:
             raise SourceError(f"{split}: the {bench.kind} split is empty (data.n_eval / data.n_val = 0?)")
-        return _subsample(problems, where.limit, where.seed, where.limit_order), None
+        return subsample(problems, where.limit, where.seed, where.limit_order), None
     if bench.kind == GENERATED_OOD:
         # Harder than training (more steps, larger numbers), with a seed far from the training one:
         # the OOD problems are new, not harder copies.
@@ -103,4 +103,4 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         hint = f" or set eval.allow_hub=true to read {bench.hub}" if bench.hub else ""
         raise SourceError(f"{path}: benchmark file {name!r} not found (set eval.data_root{hint})")
     loaded = load_source(source, bench.format, bench.fields, max_chars=1_000_000, hf_config=hub_config, hf_split=split)
-    return _subsample(loaded.problems, where.limit, where.seed, where.limit_order), loaded
+    return subsample(loaded.problems, where.limit, where.seed, where.limit_order), loaded

@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onpolicy_core.data.benchmarks import _subsample
+from onpolicy_core.data.benchmarks import subsample
+from onpolicy_core.data.io import InputError, iter_jsonl
 from onpolicy_core.data.sources import MAX_EXAMPLES_PER_REASON, SourceError
-from onpolicy_core.io import InputError, iter_jsonl
 
 FILES = {"arc_easy": "arc_easy/test.jsonl", "arc_challenge": "arc_challenge/test.jsonl", "mmlu_stem": "mmlu_stem/test.jsonl"}
 """Each set's file under the data root (config.GeneralBenchmark names the same sets)."""
@@ -105,5 +105,5 @@ def load_choice_set(name: str, data_root: str | Path, limit: int | None, limit_o
                                          list(obj["choices"]), obj["answer"]))
     if not result.questions:
         raise SourceError(f"{path}: no usable question ({dict(result.skipped)} skipped)")
-    result.questions = _subsample(result.questions, limit, seed, limit_order)
+    result.questions = subsample(result.questions, limit, seed, limit_order)
     return result

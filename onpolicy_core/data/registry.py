@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onpolicy_core.options import DataFormat, FieldMap
+from onpolicy_core.algorithms.options import DataFormat, FieldMap
 
 HELD_OUT = "held_out"
 """Kind of the arithmetic in-distribution benchmark: the data stage's eval split."""

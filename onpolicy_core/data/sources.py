@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onpolicy_core.grading import last_boxed
-from onpolicy_core.io import InputError, iter_jsonl
-from onpolicy_core.options import AnswerNormalization, DataFormat, FieldMap
-from onpolicy_core.records import Problem
+from onpolicy_core.algorithms.grading import last_boxed
+from onpolicy_core.algorithms.options import AnswerNormalization, DataFormat, FieldMap
+from onpolicy_core.data.io import InputError, iter_jsonl
+from onpolicy_core.data.records import Problem
 
 GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 MAX_EXAMPLES_PER_REASON = 5
@@ -78,7 +78,7 @@ def _rows_from_hub(dataset_id: str, hf_config: str | None, hf_split: str) -> Ite
 
     try:
         ds = datasets.load_dataset(dataset_id, hf_config, split=hf_split)
-    except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean the same to the user
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"hf:{dataset_id}: cannot load split {hf_split!r} ({type(exc).__name__}: {first})") from exc
     for i, obj in enumerate(ds):
@@ -91,7 +91,7 @@ UNIT_TOKEN = (r"\s+|~|/|\\,|\\cdot|\\mu|\^\{?-?\d+\}?|\([^()]*\)|\\(?:text|mathr
 """What may follow the number in a gold answer with a unit: words, a parenthesised phrase, \\text{}
 or \\mathrm{} groups, '/', powers, and the one-letter SI units. A single other letter or any LaTeX math
 ('1+\\sqrt{3} i', '2.2 \\tau', '7.6 Z' in Minerva's golds) is part of the answer, not a unit."""
-_LEADING_NUMBER = re.compile(rf"^\s*({NUMBER})(.*)$", re.S)
+_LEADING_NUMBER = re.compile(rf"^\s*({NUMBER})(.*)$", re.DOTALL)
 _ONLY_UNITS = re.compile(rf"(?:{UNIT_TOKEN})*")
 
 

@@ -6,11 +6,16 @@ import logging
 import random
 from pathlib import Path
 
-from onpolicy_core.config import DataConfig, PathsConfig, TrackingConfig, to_dict
 from onpolicy_core.data import arithmetic
+from onpolicy_core.data.io import write_json, write_jsonl
 from onpolicy_core.data.sources import LoadResult, SourceError, load_source
-from onpolicy_core.io import write_json, write_jsonl
-from onpolicy_core.tracking import stage_run
+from onpolicy_core.plumbing.config import (
+    DataConfig,
+    PathsConfig,
+    TrackingConfig,
+    to_dict,
+)
+from onpolicy_core.plumbing.tracking import stage_run
 
 log = logging.getLogger(__name__)
 

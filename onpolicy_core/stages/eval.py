@@ -18,7 +18,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from onpolicy_core.config import (
+from onpolicy_core.algorithms.evaluation import avg_at_k, mean_pass_at_k, pass_ks
+from onpolicy_core.algorithms.grading import grade, grade_boxed
+from onpolicy_core.algorithms.prompts import render_prompt
+from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
+from onpolicy_core.data.io import InputError, atomic_path, write_json
+from onpolicy_core.decoding.generation import (
+    Completion,
+    HFGenerator,
+    SamplingSpec,
+    VLLMGenerator,
+)
+from onpolicy_core.plumbing.config import (
     BASE,
     DataConfig,
     EvalConfig,
@@ -31,17 +42,7 @@ from onpolicy_core.config import (
     run_seed,
     to_dict,
 )
-from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
-from onpolicy_core.evaluation import avg_at_k, mean_pass_at_k, pass_ks
-from onpolicy_core.generation import (
-    Completion,
-    HFGenerator,
-    SamplingSpec,
-    VLLMGenerator,
-)
-from onpolicy_core.grading import grade, grade_boxed
-from onpolicy_core.io import InputError, atomic_path, write_json
-from onpolicy_core.prompts import render_prompt
+from onpolicy_core.plumbing.tracking import log_metrics_to, register_model
 from onpolicy_core.stages.skeleton import (
     ModelStage,
     Shard,
@@ -53,7 +54,6 @@ from onpolicy_core.stages.skeleton import (
     take_shard_records,
     write_run_record,
 )
-from onpolicy_core.tracking import log_metrics_to, register_model
 
 log = logging.getLogger(__name__)
 

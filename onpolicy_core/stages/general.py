@@ -18,15 +18,13 @@ import logging
 import time
 from pathlib import Path
 
-from onpolicy_core.choices import encode_question, predictions, score_questions
-from onpolicy_core.config import (
-    BASE,
-    GeneralConfig,
-    ModelConfig,
-    PathsConfig,
-    TrackingConfig,
-    to_dict,
+from onpolicy_core.algorithms.choices import (
+    encode_question,
+    predictions,
+    score_questions,
 )
+from onpolicy_core.algorithms.statistics import wilson
+from onpolicy_core.data.io import InputError, atomic_path, file_sha256, write_json
 from onpolicy_core.data.multiple_choice import (
     FILES,
     Question,
@@ -34,8 +32,16 @@ from onpolicy_core.data.multiple_choice import (
     continuations,
     load_choice_set,
 )
-from onpolicy_core.io import InputError, atomic_path, file_sha256, write_json
-from onpolicy_core.models import resolve_precision
+from onpolicy_core.plumbing.config import (
+    BASE,
+    GeneralConfig,
+    ModelConfig,
+    PathsConfig,
+    TrackingConfig,
+    to_dict,
+)
+from onpolicy_core.plumbing.models import resolve_precision
+from onpolicy_core.plumbing.tracking import log_metrics_to
 from onpolicy_core.stages.eval import model_folder, model_tags, training_run_id
 from onpolicy_core.stages.skeleton import (
     map_units,
@@ -43,8 +49,6 @@ from onpolicy_core.stages.skeleton import (
     publish,
     write_run_record,
 )
-from onpolicy_core.statistics import wilson
-from onpolicy_core.tracking import log_metrics_to
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,15 @@ import logging
 import time
 from pathlib import Path
 
-from onpolicy_core.config import ModelConfig, PathsConfig, TrackingConfig, to_dict
-from onpolicy_core.io import atomic_dir, file_sha256
-from onpolicy_core.models import load_source, resolve_source, save_folder
-from onpolicy_core.tracking import stage_run
+from onpolicy_core.data.io import atomic_dir, file_sha256
+from onpolicy_core.plumbing.config import (
+    ModelConfig,
+    PathsConfig,
+    TrackingConfig,
+    to_dict,
+)
+from onpolicy_core.plumbing.models import load_source, resolve_source, save_folder
+from onpolicy_core.plumbing.tracking import stage_run
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,14 @@ import shutil
 import time
 from pathlib import Path
 
-from onpolicy_core.config import (
+from onpolicy_core.algorithms.grading import grade, grade_boxed
+from onpolicy_core.algorithms.prompts import render_prompt
+from onpolicy_core.algorithms.statistics import wilson
+from onpolicy_core.data.arithmetic import generate
+from onpolicy_core.data.io import InputError, atomic_dir, read_problems, write_json
+from onpolicy_core.data.records import Problem
+from onpolicy_core.decoding.generation import HFGenerator, SamplingSpec
+from onpolicy_core.plumbing.config import (
     DataConfig,
     LoraSettings,
     ModelConfig,
@@ -32,22 +39,15 @@ from onpolicy_core.config import (
     TrainCommon,
     to_dict,
 )
-from onpolicy_core.data.arithmetic import generate
-from onpolicy_core.generation import HFGenerator, SamplingSpec
-from onpolicy_core.grading import grade, grade_boxed
-from onpolicy_core.io import InputError, atomic_dir, read_problems, write_json
-from onpolicy_core.models import (
+from onpolicy_core.plumbing.models import (
     PROVENANCE_FILE,
     load_materialised,
     model_identity,
     weights_sha256,
 )
-from onpolicy_core.prompts import render_prompt
-from onpolicy_core.records import Problem
+from onpolicy_core.plumbing.tracking import stage_run
 from onpolicy_core.stages.skeleton import publish, write_run_record
 from onpolicy_core.stages.train import common_training_args
-from onpolicy_core.statistics import wilson
-from onpolicy_core.tracking import stage_run
 
 log = logging.getLogger(__name__)
 

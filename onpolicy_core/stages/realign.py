@@ -25,8 +25,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onpolicy_core import ddt
-from onpolicy_core.config import (
+from onpolicy_core.algorithms import ddt
+from onpolicy_core.algorithms.grading import (
+    answer_after_box,
+    check_arithmetic_steps,
+    grade_boxed,
+)
+from onpolicy_core.algorithms.hinted import MixingOptions, hinted_generate
+from onpolicy_core.algorithms.prompts import (
+    encode_pair,
+    render_hinted_prompt,
+    render_prompt,
+)
+from onpolicy_core.data.io import (
+    ShardedResults,
+    file_sha256,
+    read_problems,
+    write_json,
+    write_jsonl,
+)
+from onpolicy_core.data.records import REQUIRED_FIELDS, Problem
+from onpolicy_core.decoding.generation import stop_token_ids
+from onpolicy_core.plumbing.config import (
     ModelConfig,
     PathsConfig,
     RealignConfig,
@@ -36,18 +56,6 @@ from onpolicy_core.config import (
     output_settings,
     to_dict,
 )
-from onpolicy_core.generation import stop_token_ids
-from onpolicy_core.grading import answer_after_box, check_arithmetic_steps, grade_boxed
-from onpolicy_core.hinted import MixingOptions, hinted_generate
-from onpolicy_core.io import (
-    ShardedResults,
-    file_sha256,
-    read_problems,
-    write_json,
-    write_jsonl,
-)
-from onpolicy_core.prompts import encode_pair, render_hinted_prompt, render_prompt
-from onpolicy_core.records import REQUIRED_FIELDS, Problem
 from onpolicy_core.stages.skeleton import (
     Shard,
     map_units,
@@ -124,7 +132,7 @@ def analysis_prefixes(model, tokenizer, problems: list[Problem], cfg: RealignCon
 
 def _hf_decode(model, tokenizer, hinted, plain, seeds, opts, mixing, eos_ids, batch_size: int, bar) -> list:
     """The batched HF generator over pairs sorted by length (longest first)."""
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
     decoded: list = [None] * len(hinted)
     order = sorted(range(len(hinted)), key=lambda i: -(len(hinted[i]) + len(plain[i])))
     for b in range(0, len(order), batch_size):
@@ -156,7 +164,7 @@ def realign_records(model, tokenizer, problems: list[Problem], cfg: RealignConfi
         plain = [tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in chunk]
         seeds = [example_seed(cfg.seed, p.id) for p in chunk]
         if engine is not None:
-            from onpolicy_core.hinted_vllm import vllm_hinted_generate
+            from onpolicy_core.decoding.hinted_vllm import vllm_hinted_generate
 
             decoded = vllm_hinted_generate(engine, hinted, plain, opts, mixing, eos_ids, seeds)
             decoded_by = ["vllm" if d is not None else "hf_after_vllm_desync" for d in decoded]
@@ -283,10 +291,13 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
         def realign_units(units: range | None) -> list[dict]:
             engine = None
             if cfg.backend == "vllm":
-                from onpolicy_core.generation import VLLM_MISSING, BackendUnavailable
+                from onpolicy_core.decoding.generation import (
+                    VLLM_MISSING,
+                    BackendUnavailable,
+                )
 
                 try:
-                    from onpolicy_core.hinted_vllm import make_engine
+                    from onpolicy_core.decoding.hinted_vllm import make_engine
                 except ImportError as exc:
                     raise BackendUnavailable(f"realign.{VLLM_MISSING}") from exc
                 engine = make_engine(str(paths.policy), cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed)

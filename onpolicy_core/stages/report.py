@@ -15,7 +15,7 @@ learning rate the tune stage chose for each method (`<paths.tune>/<method>/best.
   paper's reference values.
 - comparison.png (bars with 95% intervals, or +- sd over seeds) and comparison.json (every number).
 
-The statistics are `onpolicy_core.statistics` (scipy / statsmodels).
+The statistics are `onpolicy_core.algorithms.statistics` (scipy / statsmodels).
 """
 
 from __future__ import annotations
@@ -30,7 +30,19 @@ from typing import get_args
 
 import numpy as np
 
-from onpolicy_core.config import (
+from onpolicy_core.algorithms.evaluation import pass_at_k
+from onpolicy_core.algorithms.statistics import (
+    Comparison,
+    Estimate,
+    bootstrap_mean,
+    holm,
+    mcnemar_exact,
+    paired_bootstrap,
+    t_interval,
+    wilson,
+)
+from onpolicy_core.data.io import InputError, atomic_path, write_json, write_text
+from onpolicy_core.plumbing.config import (
     BASE,
     EvalConfig,
     GeneralConfig,
@@ -44,20 +56,8 @@ from onpolicy_core.config import (
     run_group,
     to_dict,
 )
-from onpolicy_core.evaluation import pass_at_k
-from onpolicy_core.io import InputError, atomic_path, write_json, write_text
+from onpolicy_core.plumbing.tracking import log_artifacts_to, log_metrics_to, stage_run
 from onpolicy_core.stages.skeleton import write_run_record
-from onpolicy_core.statistics import (
-    Comparison,
-    Estimate,
-    bootstrap_mean,
-    holm,
-    mcnemar_exact,
-    paired_bootstrap,
-    t_interval,
-    wilson,
-)
-from onpolicy_core.tracking import log_artifacts_to, log_metrics_to, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _content_digest(path: Path) -> tuple[str, int, int]:
     two files with one digest train the same model, whatever else their records carry."""
     import hashlib
 
-    from onpolicy_core.io import read_jsonl
+    from onpolicy_core.data.io import read_jsonl
 
     rows = read_jsonl(path)
     digest = hashlib.sha256()
@@ -309,7 +309,7 @@ def _content_digest(path: Path) -> tuple[str, int, int]:
 def training_sets(paths: PathsConfig) -> dict[str, dict]:
     """Per training set (original, self_distill, hinted) that exists: examples, how many are the
     original solution (fallbacks of unverified rewrites) and a digest of what is trained on."""
-    from onpolicy_core.config import training_file
+    from onpolicy_core.plumbing.config import training_file
 
     out = {}
     for data in get_args(TrainData):

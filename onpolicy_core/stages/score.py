@@ -11,15 +11,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from onpolicy_core import ddt
-from onpolicy_core.config import (
-    PathsConfig,
-    ScoreConfig,
-    TrackingConfig,
-    output_settings,
-    to_dict,
-)
-from onpolicy_core.io import (
+from onpolicy_core.algorithms import ddt
+from onpolicy_core.algorithms.prompts import encode_pair, render_prompt
+from onpolicy_core.data.io import (
     InputError,
     ShardedResults,
     atomic_path,
@@ -28,8 +22,14 @@ from onpolicy_core.io import (
     write_json,
     write_jsonl,
 )
-from onpolicy_core.models import resolve_precision
-from onpolicy_core.prompts import encode_pair, render_prompt
+from onpolicy_core.plumbing.config import (
+    PathsConfig,
+    ScoreConfig,
+    TrackingConfig,
+    output_settings,
+    to_dict,
+)
+from onpolicy_core.plumbing.models import resolve_precision
 from onpolicy_core.stages.skeleton import (
     Shard,
     map_units,

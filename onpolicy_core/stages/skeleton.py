@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from onpolicy_core.config import TrackingConfig
-from onpolicy_core.io import ShardedResults, write_json
-from onpolicy_core.models import load_materialised, model_identity
-from onpolicy_core.tracking import StageRun, stage_run
+from onpolicy_core.data.io import ShardedResults, write_json
+from onpolicy_core.plumbing.config import TrackingConfig
+from onpolicy_core.plumbing.models import load_materialised, model_identity
+from onpolicy_core.plumbing.tracking import StageRun, stage_run
 
 T = TypeVar("T")
 

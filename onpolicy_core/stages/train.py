@@ -23,7 +23,20 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from onpolicy_core.config import (
+from onpolicy_core.algorithms.grading import grade
+from onpolicy_core.algorithms.prompts import render_prompt
+from onpolicy_core.data.io import (
+    InputError,
+    atomic_dir,
+    atomic_path,
+    claim_work_dir,
+    file_sha256,
+    read_problems,
+    write_json,
+)
+from onpolicy_core.data.records import Problem
+from onpolicy_core.decoding.generation import HFGenerator, SamplingSpec
+from onpolicy_core.plumbing.config import (
     TUNED,
     PathsConfig,
     TrackingConfig,
@@ -37,27 +50,14 @@ from onpolicy_core.config import (
     to_dict,
     training_file,
 )
-from onpolicy_core.generation import HFGenerator, SamplingSpec
-from onpolicy_core.grading import grade
-from onpolicy_core.io import (
-    InputError,
-    atomic_dir,
-    atomic_path,
-    claim_work_dir,
-    file_sha256,
-    read_problems,
-    write_json,
-)
-from onpolicy_core.models import (
+from onpolicy_core.plumbing.models import (
     PROVENANCE_FILE,
     load_materialised,
     model_identity,
     weights_sha256,
 )
-from onpolicy_core.prompts import render_prompt
-from onpolicy_core.records import Problem
+from onpolicy_core.plumbing.tracking import stage_run
 from onpolicy_core.stages.skeleton import write_run_record
-from onpolicy_core.tracking import stage_run
 from onpolicy_core.training.preference import build_pairs
 from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 

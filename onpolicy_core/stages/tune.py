@@ -28,7 +28,16 @@ import shutil
 import time
 from pathlib import Path
 
-from onpolicy_core.config import (
+from onpolicy_core.algorithms.statistics import wilson
+from onpolicy_core.data.io import (
+    InputError,
+    atomic_path,
+    claim_work_dir,
+    file_sha256,
+    read_problems,
+    write_json,
+)
+from onpolicy_core.plumbing.config import (
     TUNED,
     EvalConfig,
     PathsConfig,
@@ -39,18 +48,9 @@ from onpolicy_core.config import (
     to_dict,
     training_file,
 )
-from onpolicy_core.io import (
-    InputError,
-    atomic_path,
-    claim_work_dir,
-    file_sha256,
-    read_problems,
-    write_json,
-)
-from onpolicy_core.models import model_identity
+from onpolicy_core.plumbing.models import model_identity
+from onpolicy_core.plumbing.tracking import stage_run
 from onpolicy_core.stages.skeleton import partial_dir, write_run_record
-from onpolicy_core.statistics import wilson
-from onpolicy_core.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,8 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
     """The Optuna objective: train at the trial's rate, score greedily on the validation problems."""
     # Imported here: torch, TRL and the generators load only when a method is tuned, so a fixed
     # rate's stage takes a second.
-    from onpolicy_core.generation import HFGenerator
-    from onpolicy_core.models import load_materialised
+    from onpolicy_core.decoding.generation import HFGenerator
+    from onpolicy_core.plumbing.models import load_materialised
     from onpolicy_core.stages.eval import benchmark_metrics, evaluate_benchmark
     from onpolicy_core.stages.train import make_trainer, trained_model, training_rows
     rows_file = work / "rows.json"

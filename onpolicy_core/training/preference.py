@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import get_args
 
-from onpolicy_core.options import NoCorrectPolicy
+from onpolicy_core.algorithms.options import NoCorrectPolicy
 
 
 @dataclass(frozen=True)

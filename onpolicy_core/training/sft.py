@@ -1,4 +1,4 @@
-"""TRL `SFTTrainer` with the token-weighted loss family of `onpolicy_core.losses` (sft, dft, eaft,
+"""TRL `SFTTrainer` with the token-weighted loss family of `onpolicy_core.algorithms.losses` (sft, dft, eaft,
 eaft_full, idft).
 
 Only `compute_loss` changes: it reads per-token `log_probs`, `entropy` and `label_mask`, from the
@@ -18,7 +18,7 @@ from typing import get_args
 import torch
 from trl import SFTTrainer
 
-from onpolicy_core.losses import (
+from onpolicy_core.algorithms.losses import (
     histogram_shares,
     idft_gamma,
     idft_lambda,
@@ -27,7 +27,12 @@ from onpolicy_core.losses import (
     token_weights,
     topk_entropy,
 )
-from onpolicy_core.options import EAFTOptions, IDFTOptions, LMHead, TokenMethod
+from onpolicy_core.algorithms.options import (
+    EAFTOptions,
+    IDFTOptions,
+    LMHead,
+    TokenMethod,
+)
 
 
 def _logit_outputs(model, inputs: dict, top_k: int | None) -> SimpleNamespace:

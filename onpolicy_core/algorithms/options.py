@@ -209,7 +209,7 @@ class BenchmarkFile:
     """A benchmark declared in params.yaml (`eval.custom_benchmarks`): a local file and how to read it."""
 
     path: str
-    """The .jsonl or .parquet file (relative to the project root); keep it under benchmarks/, which
+    """The .jsonl or .parquet file (relative to the project root); keep it under custom_benchmarks/, which
     the eval stages list as a DVC dependency, so a changed file reruns them."""
     format: DataFormat
     """How the gold answer is read (see DataFormat)."""

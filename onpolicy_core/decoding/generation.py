@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from onpolicy_core.hinted import left_pad
-from onpolicy_core.options import VLLMOptions
+from onpolicy_core.algorithms.hinted import left_pad
+from onpolicy_core.algorithms.options import VLLMOptions
 
 
 class BackendUnavailable(RuntimeError):

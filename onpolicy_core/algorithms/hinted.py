@@ -60,7 +60,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from onpolicy_core.options import DecodeOptions, MixingOptions
+from onpolicy_core.algorithms.options import DecodeOptions, MixingOptions
 
 
 @dataclass
@@ -137,7 +137,7 @@ def repeats(tokens: Sequence[int], window: int, count: int) -> bool:
     return False
 
 
-class _PairState:
+class PairState:
     """Bookkeeping of one pair, shared by the batched generator and the reference."""
 
     def __init__(self, opts: DecodeOptions, eos_ids: set[int], decode, generator: torch.Generator | None):
@@ -370,7 +370,7 @@ def hinted_generate(
     if n == 0:
         return []
     device = next(model.parameters()).device
-    states = [_PairState(opts, set(eos_ids), decode, g) for g in _generators(seeds, n, opts, device)]
+    states = [PairState(opts, set(eos_ids), decode, g) for g in _generators(seeds, n, opts, device)]
     rows = [row for pair in zip(hinted_prompts, plain_prompts) for row in pair]
     # Room for the whole decode up to DECODE_ROOM tokens, so short decodes never regrow (the
     # capacity a longer one adds is at most DECODE_ROOM positions ahead of use).
@@ -437,7 +437,7 @@ def reference_generate(
     answer marker only the plain stream runs (until the box closes, under marker_scope 'box'). The
     ground truth for tests and the bench baseline."""
     device = next(hint_model.parameters()).device
-    state = _PairState(opts, set(eos_ids), decode, _generators(None if seed is None else [seed], 1, opts, device)[0])
+    state = PairState(opts, set(eos_ids), decode, _generators(None if seed is None else [seed], 1, opts, device)[0])
     hint_ids, plain_ids = list(hinted_prompt), list(plain_prompt)
     caches, fed = [None, None], [0, 0]  # each stream's cache and how many of its ids it holds
     while state.finish is None:

@@ -125,7 +125,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | InputError]]:
 def read_problems(path: str | Path) -> list:
     """The records of a JSONL file in the record format; a broken line or a record without the five
     string fields is an error naming file and line."""
-    from onpolicy_core.records import Problem
+    from onpolicy_core.data.records import Problem
 
     problems = []
     for lineno, obj in iter_jsonl(path):

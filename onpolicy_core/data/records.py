@@ -30,7 +30,7 @@ class Problem:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict) -> "Problem":
+    def from_dict(cls, row: dict) -> Problem:
         missing = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str)]
         if missing:
             raise ValueError(f"record lacks string field(s) {missing}")

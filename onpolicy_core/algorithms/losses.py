@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from onpolicy_core.options import IDFTOptions, TokenMethod
+from onpolicy_core.algorithms.options import IDFTOptions, TokenMethod
 
 P_MIN = 1e-10
 

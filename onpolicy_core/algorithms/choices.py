@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from onpolicy_core.ddt import _autocast, _lm_head_logits
-from onpolicy_core.options import ScorePrecision as Precision
+from onpolicy_core.algorithms.ddt import lm_head_logits, matmul_autocast
+from onpolicy_core.algorithms.options import ScorePrecision as Precision
 
 HEAD_CHUNK = 256
 """Scored positions per LM-head call: bounds the `chunk x vocabulary` fp32 temporaries."""
@@ -89,7 +89,7 @@ def score_choices(
     owner = [i for i, chs in enumerate(continuations) for _ in chs]  # the question of each choice row
     rows = [list(ch) for chs in continuations for ch in chs]
     fed = max(len(r) for r in rows) - 1  # the last token of a choice predicts nothing
-    with _autocast(device, precision):
+    with matmul_autocast(device, precision):
         cache = DynamicCache(config=model.config)
         hidden_ctx = model.base_model(input_ids=ctx_ids.to(device), attention_mask=ctx_mask.to(device),
                                       past_key_values=cache, use_cache=True).last_hidden_state
@@ -120,7 +120,7 @@ def score_choices(
         target = torch.tensor(labels, dtype=torch.long, device=device)
         token_logp = torch.empty(len(labels), dtype=torch.float32, device=device)
         for start in range(0, len(labels), HEAD_CHUNK):
-            logits = _lm_head_logits(model, hidden[start : start + HEAD_CHUNK]).float()
+            logits = lm_head_logits(model, hidden[start : start + HEAD_CHUNK]).float()
             logp = torch.log_softmax(logits, dim=-1)
             token_logp[start : start + HEAD_CHUNK] = logp.gather(1, target[start : start + HEAD_CHUNK, None])[:, 0]
     sums = torch.zeros(len(rows), dtype=torch.float32).index_add_(0, torch.tensor(row_of), token_logp.cpu())

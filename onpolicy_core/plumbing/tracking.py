@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from onpolicy_core.config import TrackingConfig
+from onpolicy_core.plumbing.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,8 @@ def close_orphaned_runs(client: Any, experiment_id: str, run_name: str) -> list[
 def dvc_lock_hashes(paths: list[str | Path], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
     """DVC content hash of each path as recorded in dvc.lock (as some stage's output or dependency);
     a file DVC does not know is hashed here, so every input gets a tag."""
-    from onpolicy_core.dvc_lock import known_hashes
-    from onpolicy_core.io import file_sha256
+    from onpolicy_core.data.io import file_sha256
+    from onpolicy_core.plumbing.dvc_lock import known_hashes
 
     known = known_hashes(lock_file)
     out = {}

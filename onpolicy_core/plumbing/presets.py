@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from onpolicy_core.config import (
+from onpolicy_core.data.io import write_text
+from onpolicy_core.plumbing.config import (
     ConfigError,
     Params,
     from_mapping,
@@ -22,7 +23,6 @@ from onpolicy_core.config import (
     rate_file_under,
     training_file_under,
 )
-from onpolicy_core.io import write_text
 
 PRESETS_DIR = Path("presets")
 

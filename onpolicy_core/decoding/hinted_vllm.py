@@ -1,5 +1,5 @@
 """Hinted Decoding on vLLM: the two views of a problem as two vLLM requests kept in lockstep by a
-custom logits processor (paper Sec. 4; the same algorithm as `onpolicy_core.hinted`).
+custom logits processor (paper Sec. 4; the same algorithm as `onpolicy_core.algorithms.hinted`).
 
 vLLM has no feature for two requests that share every sampled token, so this module adds one:
 
@@ -10,7 +10,7 @@ vLLM has no feature for two requests that share every sampled token, so this mod
   batch's logits at every step, finds both rows of each pair, mixes their distributions exactly as
   `hinted.mix_step` does, samples once (`hinted.sample`, the pair's own seeded generator) and
   forces that token on both rows (one-hot logits). The per-pair bookkeeping (first token hinted-only,
-  answer-marker switch, repetition guard, EOS) is `hinted._PairState`, shared with the HF generator.
+  answer-marker switch, repetition guard, EOS) is `hinted.PairState`, shared with the HF generator.
 
 Lockstep is checked, never assumed: a pair is in step only while both rows are in the batch and
 have generated as many tokens as the pair has decided. Anything else (one request admitted,
@@ -43,9 +43,9 @@ from vllm.v1.sample.logits_processor import (
     MoveDirectionality,
 )
 
-from onpolicy_core.generation import make_vllm_engine
-from onpolicy_core.hinted import Decoded, _PairState, mix_step, sample
-from onpolicy_core.options import DecodeOptions, MixingOptions, VLLMOptions
+from onpolicy_core.algorithms.hinted import Decoded, PairState, mix_step, sample
+from onpolicy_core.algorithms.options import DecodeOptions, MixingOptions, VLLMOptions
+from onpolicy_core.decoding.generation import make_vllm_engine
 
 EXTRA_KEY = "onpolicy_hinted_decoding"
 HINT, PLAIN = "hint", "plain"
@@ -58,7 +58,7 @@ RESULTS: dict[str, Decoded | str] = {}
 @dataclasses.dataclass
 class _Pair:
     key: str
-    state: _PairState
+    state: PairState
     mixing: MixingOptions
     eos: int
     rows: dict[str, int | None] = dataclasses.field(default_factory=lambda: {HINT: None, PLAIN: None})
@@ -125,7 +125,7 @@ class HintedPairProcessor(LogitsProcessor):
             if pair is None:
                 opts, mixing = _options(spec)
                 generator = None if opts.greedy else torch.Generator(device=self.device).manual_seed(int(spec["seed"]))
-                pair = self.pairs[key] = _Pair(key, _PairState(opts, set(spec["eos"]), self.decode, generator), mixing,
+                pair = self.pairs[key] = _Pair(key, PairState(opts, set(spec["eos"]), self.decode, generator), mixing,
                                                int(spec["end"]))
             if role in pair.finished_roles:  # re-added after preemption: its partner ran on alone
                 self._desync(pair)

@@ -21,8 +21,7 @@ from typing import Any, Literal, Union, get_args
 
 import yaml
 
-from onpolicy_core.data.registry import BENCHMARKS
-from onpolicy_core.options import (
+from onpolicy_core.algorithms.options import (
     Backend,
     BenchmarkFile,
     DataFormat,
@@ -39,8 +38,9 @@ from onpolicy_core.options import (
     TokenMethod,
     VLLMOptions,
 )
+from onpolicy_core.data.registry import BENCHMARKS
 
-PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 """The project's params.yaml: the defaults of every setting."""
 
 

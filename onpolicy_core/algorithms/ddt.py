@@ -24,8 +24,8 @@ import torch
 from transformers import DynamicCache
 from trl.trainer.utils import selective_log_softmax_and_entropy
 
-from onpolicy_core.options import ScoreLayout as Layout
-from onpolicy_core.options import ScorePrecision as Precision
+from onpolicy_core.algorithms.options import ScoreLayout as Layout
+from onpolicy_core.algorithms.options import ScorePrecision as Precision
 
 MIN_SHARED_PREFIX = 8
 MIN_SHARED_FRACTION = 0.1  # unpadded layout: share a prefix of at least this share of the mean row
@@ -52,7 +52,7 @@ def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _lm_head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def lm_head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head projection with the output scaling some architectures apply in their forward."""
     logits = model.get_output_embeddings()(hidden)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -65,7 +65,7 @@ def _lm_head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tenso
     return logits
 
 
-def _autocast(device: torch.device, precision: Precision):
+def matmul_autocast(device: torch.device, precision: Precision):
     """bf16 autocast of the matmuls (CPUs with AVX512-BF16/AMX, GPUs); the softmax math stays fp32."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -119,7 +119,7 @@ def score_batch(
         return [TokenScores(out_logp[:0], out_entropy[:0]) for _ in lengths]
     labels = torch.tensor([t for r in response_ids for t in r], dtype=torch.long, device=device)
     cache = None
-    with _autocast(device, precision):
+    with matmul_autocast(device, precision):
         if shared:
             cache = DynamicCache(config=model.config)
             model.base_model(input_ids=torch.tensor([list(prompt_ids[0][:shared])], device=device),
@@ -149,7 +149,7 @@ def _head_chunk(model, hidden: torch.Tensor, labels: torch.Tensor, done: int, te
                 out_logp: torch.Tensor, out_entropy: torch.Tensor) -> int:
     """log p and entropy of one chunk of response positions, written at `done`; returns the new offset."""
     n = hidden.shape[0]
-    logits = _lm_head_logits(model, hidden).float()
+    logits = lm_head_logits(model, hidden).float()
     logp, entropy = selective_log_softmax_and_entropy(
         logits, labels[done : done + n], entropy_requires_grad=False, temperature=temperature
     )
