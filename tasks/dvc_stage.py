@@ -6,28 +6,15 @@ DVC decides whether a stage is stale; Prefect only retries and times out. No Pre
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from onpolicy_core.dvc_lock import stage_outs
-from onpolicy_core.tracking import DVC_STAGE_ENV
-
-
-def _env(stage: str | None = None) -> dict[str, str]:
-    """PATH with this interpreter's bin first, so `dvc` and the stage commands (`onpolicy ...`)
-    resolve to the project's environment even when the worker was started without activating it."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if stage:
-        env[DVC_STAGE_ENV] = stage
-    return env
+from onpolicy_core.plumbing.dvc_lock import stage_outs
+from tasks.process_group import project_env, run_in_process_group
 
 
 def stage_mlflow_run(stage: str, parent_run_id: str | None) -> str | None:
@@ -43,52 +30,20 @@ def stage_mlflow_run(stage: str, parent_run_id: str | None) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-GRACE_S = 10
-"""After a timeout or cancel: seconds between SIGTERM and SIGKILL of the stage's process group."""
-
-
-def end_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the whole process group (dvc and every command it started), SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-
-
 def _run(cmd: list[str], project: Path, stage: str | None, what: str) -> subprocess.CompletedProcess:
-    """Run `cmd` in its own process group. A Prefect timeout or cancel raises in this thread while it
-    waits (the wait polls, so the exception is delivered at once); the whole group then ends, so no
-    stage command outlives its task. Output goes to files, not pipes, so a long wait cannot fill them."""
+    """Run `cmd` in its own process group (ended whole on a Prefect timeout or cancel); its output
+    goes to the task log, and a non-zero exit raises with the end of its stderr."""
     logger = get_run_logger()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=project, env=_env(stage), stdout=out, stderr=err, text=True, start_new_session=True)
-        try:
-            while True:
-                try:
-                    proc.wait(timeout=0.2)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        except BaseException:
-            logger.warning("%s interrupted: ending its process group %d", what, proc.pid)
-            end_process_group(proc)
-            raise
+        returncode = run_in_process_group(cmd, project, project_env(stage), out, err, logger, what)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     for line in (stdout + stderr).splitlines()[-40:]:
         logger.info(line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed with exit code {proc.returncode}:\n{stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if returncode != 0:
+        raise RuntimeError(f"{what} failed with exit code {returncode}:\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
 
 
 def _stale(project: Path, stage: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.dvc_stage import _env, end_process_group
+from tasks.process_group import project_env, run_in_process_group
 
 
 @task(name="stage-shard", task_run_name="onpolicy {argv}")
@@ -29,24 +29,12 @@ def run_shard_command(project_dir: str, argv: list[str], log_file: str) -> dict:
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: onpolicy {' '.join(argv)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=project_dir, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            while True:
-                try:
-                    proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        except BaseException:
-            logger.warning("shard interrupted: ending its process group %d", proc.pid)
-            end_process_group(proc)
-            raise
+        returncode = run_in_process_group(cmd, project_dir, project_env(), out, subprocess.STDOUT, logger, "shard", poll_s=0.5)
     seconds = round(time.monotonic() - start, 1)
-    if proc.returncode != 0:
+    if returncode != 0:
         lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
-        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
         raise RuntimeError(f"onpolicy {' '.join(argv)}: {how} after {seconds} s: {last[:300]}")
     logger.info("onpolicy %s: done in %.1f s (log: %s)", " ".join(argv), seconds, log)
     return {"argv": argv, "seconds": seconds, "log": str(log)}
