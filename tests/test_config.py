@@ -220,11 +220,13 @@ def test_learning_rates_are_a_number_or_tuned_for_every_method_of_the_runs(tmp_p
         load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=tuned"])
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     del raw["tune"]["learning_rates"]["dft"]
+    raw["train"]["runs"]["dft-original"] = {"params": "train.common", "data": "artifacts/data/train.jsonl",
+                                            "rate_file": "artifacts/tune/dft/best.json"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as info:
         load_params(tmp_path / "params.yaml")
     assert "\n" not in str(info.value) and "tune.learning_rates.dft: missing (train.runs has dft-original)" in str(info.value)
-    raw["train"]["runs"] = {k: v for k, v in raw["train"]["runs"].items() if not k.startswith("dft")}
+    del raw["train"]["runs"]["dft-original"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert "dft" not in load_params(tmp_path / "params.yaml").tune.learning_rates, "a method no run uses needs no entry"
     raw["train"]["runs"]["sft-original"]["rate_file"] = "artifacts/tune/dft/best.json"

@@ -10,6 +10,7 @@ import json
 import pandas as pd
 import pytest
 
+from onpolicy_core.data.io import write_parquet
 from onpolicy_core.data.multiple_choice import load_choice_set
 from onpolicy_core.data.sources import SourceError
 from onpolicy_core.plumbing.config import ConfigError
@@ -153,7 +154,7 @@ def _fake_general(root, model, correct, correct_norm):
     rows = [{"benchmark": "arc_easy", "id": f"q{i}", "answer": 0, "n_choices": 4, "pred": 0 if c else 1, "pred_norm": 0 if cn else 1,
              "correct": c, "correct_norm": cn, "logprobs": [-1.0] * 4, "choice_tokens": [1] * 4, "choice_chars": [3] * 4}
             for i, (c, cn) in enumerate(zip(correct, correct_norm))]
-    general_stage._write_parquet(rows, root / model / "records.parquet")
+    write_parquet(root / model / "records.parquet", rows, general_stage.records_schema())
 
 
 def test_report_section_pairs_models_with_mcnemar_and_holm(tmp_path):

@@ -2,6 +2,7 @@
 reference, the lambda modes, the answer-marker switch, EOS and the repetition guard."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ from onpolicy_core.algorithms.hinted import (
     mix_step,
     mixing_lambda,
     reference_generate,
-    repeats,
 )
 from tests.conftest import hinted_options, make_tiny_model
 
@@ -158,7 +158,19 @@ def test_eos_stops_a_pair_including_on_the_first_token(model):
     assert all(len(d.token_ids) == 20 for d in free if d.finish_reason == "length"), "exactly max_new_tokens"
 
 
-def test_repetition_guard():
+def repeats(tokens: list[int], window: int, count: int) -> bool:
+    """The offline reference of the rolling guard (PairState.push): does some `window`-token run
+    occur at least `count` times in `tokens`?"""
+    seen: Counter = Counter()
+    for i in range(len(tokens) - window + 1):
+        key = tuple(tokens[i : i + window])
+        seen[key] += 1
+        if seen[key] >= count:
+            return True
+    return False
+
+
+def test_repetition_guard_reference():
     assert repeats([1, 2, 3] * 5, window=3, count=5)
     assert not repeats([1, 2, 3] * 4, window=3, count=5)
     assert repeats(list(range(10)) + [7, 7, 7, 7, 7], window=1, count=6)

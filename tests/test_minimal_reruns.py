@@ -75,12 +75,10 @@ CHANGES = {
                                               "eval@idft-hinted", "general@idft-original", "general@idft-hinted", "report"}),
     # train.common is read by every tune stage (trials train as the runs do) and every run.
     "train.common.batch_size": (2, {f"tune@{m}" for m in ("sft", "dft", "idft", "eaft", "eaft_full", "dpo", "simpo")}
-                                | {f"{s}@{r}" for s in ("train", "eval", "general") for r in ("sft-original", "dft-original", "idft-original",
-                                                                                 "idft-hinted")} | {"report"}),
+                                | {f"{s}@{r}" for s in ("train", "eval", "general") for r in ("sft-original", "idft-original", "idft-hinted")} | {"report"}),
     # General-ability settings reach the general stages only (and the report that reads them).
-    "general.limit": (8, {"general-base", "general@sft-original", "general@dft-original", "general@idft-original",
-                          "general@idft-hinted", "report"}),
-    "eval.limit": (8, {"eval-base", "eval@sft-original", "eval@dft-original", "eval@idft-original", "eval@idft-hinted", "report"}),
+    "general.limit": (8, {"general-base", "general@sft-original", "general@idft-original", "general@idft-hinted", "report"}),
+    "eval.limit": (8, {"eval-base", "eval@sft-original", "eval@idft-original", "eval@idft-hinted", "report"}),
     "score.thresholds": ([-2.0], {"score@original", "score@self_distill", "score@hinted", "report"}),
     # How many shards run changes no byte (docs/scale.md), so nothing reruns.
     "realign.workers": (4, set()),

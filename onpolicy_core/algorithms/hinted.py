@@ -126,17 +126,6 @@ def sample(logprobs: torch.Tensor, opts: DecodeOptions, generators: Sequence[tor
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
-def repeats(tokens: Sequence[int], window: int, count: int) -> bool:
-    """Does some `window`-token run occur at least `count` times in `tokens`?"""
-    seen: Counter = Counter()
-    for i in range(len(tokens) - window + 1):
-        key = tuple(tokens[i : i + window])
-        seen[key] += 1
-        if seen[key] >= count:
-            return True
-    return False
-
-
 class PairState:
     """Bookkeeping of one pair, shared by the batched generator and the reference."""
 
@@ -228,7 +217,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
 # transformers nor torch offers them for a masked, left-padded CPU batch.
 # Prefill was the other half of the time: a left-padded batch of prompts spends work on padding and
 # needs a mask (no causal fast path). On CPU `_prefill` runs each prompt alone and copies its keys
-# and values straight into the decode buffers (1.5x faster prefill, the prompt cache held once).
+# and values straight into the decode buffers (faster prefill, the prompt cache held once;
+# measured in docs/performance.md).
 
 GROUPED_DECODE = "onpolicy_grouped_decode"
 DECODE_ROOM = 256  # KV positions a cache buffer grows by

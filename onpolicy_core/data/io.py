@@ -96,6 +96,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def write_parquet(path: str | Path, rows: list[dict], schema: Any = None) -> None:
+    """Rows as a Parquet table (pyarrow), written atomically; `schema` (a pyarrow schema) fixes the
+    column types, which an empty table needs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | InputError]]:
     """Yield (line number, object) per non-empty line; a broken line yields an `InputError` instead
     of raising, so callers can count it as a skip and go on. A missing file or a folder is an error."""

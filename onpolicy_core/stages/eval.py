@@ -22,7 +22,7 @@ from onpolicy_core.algorithms.evaluation import avg_at_k, mean_pass_at_k, pass_k
 from onpolicy_core.algorithms.grading import grade, grade_boxed
 from onpolicy_core.algorithms.prompts import render_prompt
 from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
-from onpolicy_core.data.io import InputError, atomic_path, write_json
+from onpolicy_core.data.io import InputError, write_json, write_parquet
 from onpolicy_core.decoding.generation import (
     Completion,
     HFGenerator,
@@ -161,14 +161,6 @@ def headline_metrics(metrics: dict[str, dict]) -> dict[str, dict]:
     return {b: {k: m[k] for k in HEADLINE if k in m} for b, m in metrics.items()}
 
 
-def _write_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-
-
 def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, model_cfg: ModelConfig, data_cfg: DataConfig,
              name: str = BASE, shard: Shard | None = None, merge: bool = False) -> dict | None:
     """Evaluate model `name` ('base' or '<method>-<data>'); write <paths.eval>/<name>/{records.parquet,
@@ -234,7 +226,7 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
             if tracking.registry:
                 tags = {f"eval.{k.replace('/', '.')}": round(v, 6) for k, v in flat.items()}
                 record["registered_version"] = register_model(parent, f"{tracking.experiment}-{name}", tags, tracking)
-        _write_parquet(rows, out / "records.parquet")
+        write_parquet(out / "records.parquet", rows)
         write_json(out / "summary.json", summary)
         publish(stage.run, out / "metrics.json", headline_metrics(metrics), [out / "summary.json", out / "records.parquet"],
                 logged=flat | timing | {"tokens_per_second": record["tokens_per_second"] or 0.0})

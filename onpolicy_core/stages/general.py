@@ -24,7 +24,7 @@ from onpolicy_core.algorithms.choices import (
     score_questions,
 )
 from onpolicy_core.algorithms.statistics import wilson
-from onpolicy_core.data.io import InputError, atomic_path, file_sha256, write_json
+from onpolicy_core.data.io import InputError, file_sha256, write_json, write_parquet
 from onpolicy_core.data.multiple_choice import (
     FILES,
     Question,
@@ -58,20 +58,13 @@ COLUMNS = {"benchmark": "string", "id": "string", "answer": "int64", "n_choices"
 """records.parquet: one row per question (pred: by summed log p; pred_norm: by log p per character)."""
 
 
-def _schema():
+def records_schema():
+    """The column types of records.parquet (an empty table needs them too)."""
     import pyarrow as pa
 
     types = {"string": pa.string(), "int64": pa.int64(), "bool": pa.bool_(), "list<double>": pa.list_(pa.float64()),
              "list<int64>": pa.list_(pa.int64())}
     return pa.schema([(name, types[t]) for name, t in COLUMNS.items()])
-
-
-def _write_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), tmp)
 
 
 def score_set(model, tokenizer, benchmark: str, questions: list[Question], batch_size: int, precision: str) -> tuple[list[dict], int]:
@@ -107,7 +100,7 @@ def run_general(cfg: GeneralConfig, paths: PathsConfig, tracking: TrackingConfig
     out = Path(paths.general) / name
     if not cfg.benchmarks:
         # Nothing to score: empty outputs at once (no model, no data files, no MLflow run).
-        _write_parquet([], out / "records.parquet")
+        write_parquet(out / "records.parquet", [], records_schema())
         write_json(out / "summary.json", {"model": name, "benchmarks": {}, "skipped": {}})
         write_json(out / "metrics.json", {})
         write_run_record(out, {"seconds": 0.0, "mlflow_run_id": None, "note": "general.benchmarks is empty"})
@@ -159,7 +152,7 @@ def run_general(cfg: GeneralConfig, paths: PathsConfig, tracking: TrackingConfig
         flat = {f"{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
         if parent:
             log_metrics_to(parent, {f"general/{b}/{k}": v for b, m in headline.items() for k, v in m.items()}, tracking)
-        _write_parquet(rows, out / "records.parquet")
+        write_parquet(out / "records.parquet", rows, records_schema())
         write_json(out / "summary.json", summary)
         publish(stage.run, out / "metrics.json", headline, [out / "summary.json", out / "records.parquet"],
                 logged=flat | {f"{b}/questions_per_second": t["questions_per_second"] or 0.0 for b, t in timing.items()})

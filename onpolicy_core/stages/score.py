@@ -21,6 +21,7 @@ from onpolicy_core.data.io import (
     iter_jsonl,
     write_json,
     write_jsonl,
+    write_parquet,
 )
 from onpolicy_core.plumbing.config import (
     PathsConfig,
@@ -233,10 +234,7 @@ def run_score(
         busy = timing.get("shard_seconds_total", seconds)  # a merge's own seconds are only the reading back
         timing["tokens_per_second"] = round(summary["tokens"] / max(busy, 1e-9), 1)
         out.mkdir(parents=True, exist_ok=True)
-        import pandas as pd
-
-        with atomic_path(out / SCORES_FILE) as tmp:
-            pd.DataFrame(rows).to_parquet(tmp, index=False)
+        write_parquet(out / SCORES_FILE, rows)
         keep = set(ids)
         write_jsonl(out / SELECTED_FILE, (r for r in problems if r["id"] in keep))
         write_json(out / SUMMARY_FILE, summary)
