@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+import typer
 from prefect import flow, get_run_logger
 
+from onpolicy_core.cli import stage_options, user_error
 from onpolicy_core.plumbing.config import ConfigError, load_params
 from tasks.shard import run_shard_command
 
@@ -31,18 +33,6 @@ SHARDED_STAGES = ("score", "realign", "eval")
 
 class ShardFailed(RuntimeError):
     """A shard failed every attempt; the message is the one line the user reads."""
-
-
-def _option(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    """Every value of a typer option in argv ('--set k=v', '-s k=v', '--set=k=v')."""
-    values = []
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                values.append(argv[i + 1])
-            elif arg.startswith(f"{name}="):
-                values.append(arg[len(name) + 1 :])
-    return values
 
 
 def log_path(project: Path, runs_dir: str, argv: list[str], index: int, count: int) -> Path:
@@ -124,23 +114,23 @@ def fan_out(project_dir: str, argv: list[str], workers: int, deployment: str, re
     return [{"shard": i, "flow_run_id": str(runs[i].id), "attempts": attempts[i], "failed": history[i]} for i in range(workers)]
 
 
-def _fail(message: str) -> None:
-    """One line on stderr and exit code 2, like every onpolicy user error."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     """`onpolicy-sharded <stage> [args]`: the stage in this process (workers 1) or fanned out and merged."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _sharded(list(sys.argv[1:] if argv is None else argv))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def _sharded(argv: list[str]) -> None:
     onpolicy = shutil.which("onpolicy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if not argv or argv[0] not in SHARDED_STAGES or onpolicy is None:
-        _fail(f"usage: onpolicy-sharded {{{','.join(SHARDED_STAGES)}}} [onpolicy stage options]"
-              + ("" if onpolicy else " (the onpolicy command is not installed)"))
+        raise user_error(f"usage: onpolicy-sharded {{{','.join(SHARDED_STAGES)}}} [onpolicy stage options]"
+                         + ("" if onpolicy else " (the onpolicy command is not installed)"))
     try:
-        params = load_params(next(iter(_option(argv, ("--params", "-p"))), "params.yaml"), _option(argv, ("--set", "-s")))
+        params = load_params(*stage_options(argv))
     except ConfigError as exc:
-        _fail(str(exc))
+        raise user_error(str(exc)) from None
     workers = getattr(params, argv[0]).workers
     if workers == 1:
         os.execv(onpolicy, [onpolicy, *argv])
@@ -149,11 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         fan_out(str(Path.cwd()), argv, workers, scale.deployment, scale.shard_retries, scale.shard_timeout_s, scale.poll_s,
                 str(Path(params.paths.data).parent / ".runs"))
     except ShardFailed as exc:
-        _fail(str(exc))
+        raise user_error(str(exc)) from None
     except Exception as exc:  # no server, no deployment: say which, in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(f"{argv[0]}.workers={workers} needs the Prefect deployment {scale.deployment!r} and a worker on its pool "
-                 f"(PREFECT_API_URL={os.environ.get('PREFECT_API_URL', 'unset')}): {type(exc).__name__}: {first[:300]}")
+        raise user_error(f"{argv[0]}.workers={workers} needs the Prefect deployment {scale.deployment!r} and a worker on its pool "
+                         f"(PREFECT_API_URL={os.environ.get('PREFECT_API_URL', 'unset')}): {type(exc).__name__}: {first[:300]}") from None
     os.execv(onpolicy, [onpolicy, *argv, "--merge"])
 
 

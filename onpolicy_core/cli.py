@@ -35,21 +35,31 @@ def _sharding(shard: int | None, num_shards: int | None, merge: bool):
     from onpolicy_core.stages.skeleton import Shard
 
     if merge and shard is not None:
-        raise _fail("--merge writes the outputs of all shards; it takes no --shard")
+        raise user_error("--merge writes the outputs of all shards; it takes no --shard")
     if (shard is None) != (num_shards is None):
-        raise _fail("--shard and --num-shards go together")
+        raise user_error("--shard and --num-shards go together")
     if shard is None:
         return None
     try:
         return Shard(shard, num_shards)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise user_error(str(exc)) from exc
 
 
-def _fail(message: str) -> typer.Exit:
-    """One line on stderr and exit code 2: what a user error ends in."""
+def user_error(message: str) -> typer.Exit:
+    """One line on stderr and exit code 2: what a user error ends in (here and in onpolicy-sharded)."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
+
+
+def stage_options(argv: list[str]) -> tuple[Path, list[str]]:
+    """The --params file and the --set overrides of `onpolicy <stage> [options]`, read by the stage's
+    own typer command (no other option is checked here)."""
+    group = typer.main.get_command(app)
+    with group.make_context("onpolicy", [argv[0]], resilient_parsing=True) as ctx:
+        command = group.get_command(ctx, argv[0])
+        with command.make_context(argv[0], list(argv[1:]), parent=ctx, resilient_parsing=True) as sub:
+            return Path(sub.params.get("params") or "params.yaml"), list(sub.params.get("set_") or [])
 
 
 def _load(params: Path, overrides: list[str] | None) -> Params:
@@ -57,7 +67,7 @@ def _load(params: Path, overrides: list[str] | None) -> Params:
     try:
         return load_params(params, overrides)
     except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+        raise user_error(str(exc)) from exc
 
 
 @contextlib.contextmanager
@@ -73,13 +83,13 @@ def _user_errors():
     try:
         yield
     except (ConfigError, InputError, SourceError, ModelSourceError, TrackingUnavailable, BackendUnavailable) as exc:
-        raise _fail(str(exc)) from exc
+        raise user_error(str(exc)) from exc
     except Exception as exc:
         from mlflow.exceptions import MlflowException
 
         if isinstance(exc, MlflowException):  # the tracking server failed mid-stage
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise _fail(f"MLflow: {first[:300]} (MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI', 'unset')})") from exc
+            raise user_error(f"MLflow: {first[:300]} (MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI', 'unset')})") from exc
         raise
 
 
@@ -166,7 +176,7 @@ def realign(
     from onpolicy_core.stages.realign import run_realign
 
     if variant not in get_args(RealignVariant):
-        raise _fail(f"--variant must be one of {list(get_args(RealignVariant))}, got {variant!r}")
+        raise user_error(f"--variant must be one of {list(get_args(RealignVariant))}, got {variant!r}")
     sharding = _sharding(shard, num_shards, merge)
     p = _load(params, set_)
     with _user_errors():

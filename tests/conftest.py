@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+from onpolicy_core.plumbing.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -136,11 +138,7 @@ def make_project(path: Path, **settings) -> Path:
     small = {"data.arithmetic.n": 30, "data.n_eval": 5, "model.prime.n": 8, "model.prime.batch_size": 4,
              "model.prime.check_n": 4, "model.prime.check_max_new_tokens": 16}
     for key, value in {**small, **settings}.items():
-        *parents, last = key.split(".")
-        node = params
-        for k in parents:
-            node = node[k]
-        node[last] = value
+        set_dotted(params, key, value)
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     (path / ".gitignore").write_text("/artifacts/\nmlflow.db\n")
     env = bin_env()

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 import yaml
 
+from onpolicy_core.plumbing.config import set_dotted
 from tests.conftest import BIN, bin_env
 
 pytestmark = pytest.mark.service
@@ -56,11 +57,7 @@ def _will_rerun(project) -> set[str]:
 
 def _set(project, dotted: str, value) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    node = params
-    *parents, last = dotted.split(".")
-    for key in parents:
-        node = node[key]
-    node[last] = value
+    set_dotted(params, dotted, value)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

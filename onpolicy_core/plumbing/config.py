@@ -905,12 +905,24 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
+    """mapping[a][b][c] = value for 'a.b.c', creating missing sections (the one dotted-key setter:
+    --set overrides, and the tests' project copies)."""
+    *parents, last = dotted.split(".")
+    node = mapping
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{k} is not a section")
+    node[last] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip().split("."), yaml.safe_load(raw)
+        return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from exc
 
@@ -937,13 +949,11 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not overrides:
         return as_written
     for text in overrides:
-        keys, value = _parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
-        node[keys[-1]] = value
+        dotted, value = _parse_override(text)
+        try:
+            set_dotted(raw, dotted, value)
+        except ConfigError as exc:
+            raise ConfigError(f"override {text!r}: {exc}") from None
     try:
         return from_mapping(Params, raw)
     except ConfigError as exc:
