@@ -183,3 +183,22 @@ def hinted_options(**fields):
     mixing = dataclasses.replace(realign.mixing.hinted, **{k: v for k, v in fields.items() if k in mixing_names})
     assert isinstance(decode, DecodeOptions)
     return decode, mixing
+
+
+class KilledOnCall:
+    """`real`, except that its `kill_at`-th call raises KeyboardInterrupt (a kill at that point): the
+    resume tests' one way to stop a stage midway. `calls` counts every call and `args` keeps each
+    call's positional arguments; set `kill_at = None` to let the resumed run through."""
+
+    def __init__(self, real, kill_at: int | None):
+        self.real, self.kill_at, self.calls, self.args = real, kill_at, 0, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.args.append(args)
+        if self.calls == self.kill_at:
+            raise KeyboardInterrupt("killed")
+        return self.real(*args, **kwargs)
+
+    def reset(self, kill_at: int | None = None) -> None:
+        self.kill_at, self.calls, self.args = kill_at, 0, []

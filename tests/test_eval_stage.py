@@ -13,7 +13,7 @@ from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.data.io import write_jsonl
 from onpolicy_core.stages import eval as eval_stage
 from onpolicy_core.stages.skeleton import partial_dir, write_run_record
-from tests.conftest import default_config
+from tests.conftest import KilledOnCall, default_config
 
 RUN = "idft-original"
 BASE = default_config()
@@ -81,22 +81,14 @@ def test_killed_eval_resumes_from_finished_benchmarks(tmp_path, embedded_model_d
     paths = _project(tmp_path, embedded_model_dir)
     cfg, off = _cfg(samples=0), OFF
     real = eval_stage.evaluate_benchmark
-    calls, kill = [], {"at": 2}
-
-    def dies_on_second(generator, tokenizer, benchmark, problems, cfg):
-        calls.append(benchmark)
-        if len(calls) == kill["at"]:
-            raise KeyboardInterrupt("killed")
-        return real(generator, tokenizer, benchmark, problems, cfg)
-
-    monkeypatch.setattr(eval_stage, "evaluate_benchmark", dies_on_second)
+    killed = KilledOnCall(real, kill_at=2)
+    monkeypatch.setattr(eval_stage, "evaluate_benchmark", killed)
     with pytest.raises(KeyboardInterrupt):
         eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
     assert not (tmp_path / "eval" / "base" / "metrics.json").exists(), "no half-written output"
-    calls.clear()
-    kill["at"] = None
+    killed.reset()
     metrics = eval_stage.run_eval(cfg, paths, off, MODEL, DATA, "base")
-    assert calls == ["arithmetic_ood"], "the finished benchmark is read back, not recomputed"
+    assert [args[2] for args in killed.args] == ["arithmetic_ood"], "the finished benchmark is read back, not recomputed"
     assert set(metrics) == {"arithmetic", "arithmetic_ood"}
     resumed = json.loads((tmp_path / "eval" / "base" / "summary.json").read_text())
     monkeypatch.setattr(eval_stage, "evaluate_benchmark", real)

@@ -16,7 +16,7 @@ from onpolicy_core.data.sources import SourceError
 from onpolicy_core.plumbing.config import ConfigError
 from onpolicy_core.stages import general as general_stage
 from onpolicy_core.stages.skeleton import partial_dir, run_record_path
-from tests.conftest import SHARED_DATA, default_config
+from tests.conftest import SHARED_DATA, KilledOnCall, default_config
 
 BASE = default_config()
 OFF = dataclasses.replace(BASE.tracking, enabled=False)
@@ -126,23 +126,17 @@ def test_general_stage_on_real_arc_easy(tmp_path, embedded_model_dir, arc_easy):
 
 def test_killed_general_run_resumes_to_the_same_bytes(tmp_path, embedded_model_dir, arc_easy, monkeypatch):
     paths, cfg = _setup(tmp_path, embedded_model_dir, arc_easy)
-    real, calls = general_stage.score_set, {"n": 0}
-
-    def dies_on_second_unit(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(general_stage, "score_set", dies_on_second_unit)
+    real = general_stage.score_set
+    killed = KilledOnCall(real, kill_at=2)
+    monkeypatch.setattr(general_stage, "score_set", killed)
     out = tmp_path / "general" / "base"
     with pytest.raises(KeyboardInterrupt):
         general_stage.run_general(cfg, paths, OFF, BASE.model)
     assert not (out / "records.parquet").exists(), "no half-written output"
     assert len(list(partial_dir(out).glob("unit-*.jsonl"))) == 1
-    calls["n"] = -100
+    killed.reset()
     general_stage.run_general(cfg, paths, OFF, BASE.model)
-    assert calls["n"] == -100 + 2, "the finished unit is read back, the other two computed"
+    assert killed.calls == 2, "the finished unit is read back, the other two computed"
     resumed = {f: (out / f).read_bytes() for f in ("records.parquet", "summary.json", "metrics.json")}
     monkeypatch.setattr(general_stage, "score_set", real)
     general_stage.run_general(cfg, paths, OFF, BASE.model)

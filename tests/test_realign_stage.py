@@ -11,7 +11,12 @@ from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.data.io import read_jsonl
 from onpolicy_core.plumbing.models import load_materialised
 from onpolicy_core.stages import realign as realign_stage
-from tests.conftest import arithmetic_corpus, default_config, hinted_options
+from tests.conftest import (
+    KilledOnCall,
+    arithmetic_corpus,
+    default_config,
+    hinted_options,
+)
 
 
 def _config(model_dir, *overrides):
@@ -98,22 +103,15 @@ def test_killed_realign_resumes_to_the_same_file(tmp_path, corpus, embedded_mode
     p = _config(embedded_model_dir, "realign.work_unit=2")  # sampled, seeded per example
     cfg, paths, tracking = p.realign, p.paths, p.tracking
     real = hinted.hinted_generate
-    calls = {"n": 0}
-
-    def dies_on_second_shard(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(realign_stage, "hinted_generate", dies_on_second_shard)
+    killed = KilledOnCall(real, kill_at=2)
+    monkeypatch.setattr(realign_stage, "hinted_generate", killed)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         realign_stage.run_realign(cfg, paths, tracking, p.model, "hinted", corpus, out)
     assert not (out / "train.jsonl").exists()
-    calls["n"] = 10
+    killed.reset()
     realign_stage.run_realign(cfg, paths, tracking, p.model, "hinted", corpus, out)
-    assert calls["n"] == 12, "the finished unit was reused: two batches left (units of 2 and 1)"
+    assert killed.calls == 2, "the finished unit was reused: two batches left (units of 2 and 1)"
     monkeypatch.setattr(realign_stage, "hinted_generate", real)
     realign_stage.run_realign(cfg, paths, tracking, p.model, "hinted", corpus, tmp_path / "fresh")
     assert (out / "records.jsonl").read_text() == (tmp_path / "fresh" / "records.jsonl").read_text()

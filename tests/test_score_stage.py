@@ -9,7 +9,7 @@ from onpolicy_core.algorithms import ddt
 from onpolicy_core.data.io import InputError
 from onpolicy_core.stages import score as score_stage
 from onpolicy_core.stages.skeleton import partial_dir
-from tests.conftest import arithmetic_corpus, default_config
+from tests.conftest import KilledOnCall, arithmetic_corpus, default_config
 
 
 @pytest.fixture
@@ -46,23 +46,16 @@ def test_killed_score_run_resumes_from_its_shards(tmp_path, corpus, embedded_mod
     p = default_config("score.max_batch_size=4", "score.work_unit=4", f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}", "tracking.enabled=false")
     cfg, paths, tracking = p.score, p.paths, p.tracking
     real = ddt.score_batch
-    calls = {"n": 0}
-
-    def dies_on_third_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ddt, "score_batch", dies_on_third_batch)
+    killed = KilledOnCall(real, kill_at=3)
+    monkeypatch.setattr(ddt, "score_batch", killed)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         score_stage.run_score(cfg, paths, tracking, corpus, out)
     assert not (out / "scores.parquet").exists(), "no half-written output"
     assert len(list(partial_dir(tmp_path / "resumed").glob("unit-*.jsonl"))) == 2
-    calls["n"] = -100  # no more kills; count the batches the resumed run needs
+    killed.reset()  # no more kills; count the batches the resumed run needs
     score_stage.run_score(cfg, paths, tracking, corpus, out)
-    assert calls["n"] == -100 + 1, "only the last unit (2 examples, one batch) is recomputed"
+    assert killed.calls == 1, "only the last unit (2 examples, one batch) is recomputed"
     monkeypatch.setattr(ddt, "score_batch", real)
     fresh = tmp_path / "fresh"
     score_stage.run_score(cfg, paths, tracking, corpus, fresh)

@@ -10,7 +10,7 @@ from onpolicy_core.data.io import InputError, write_jsonl
 from onpolicy_core.plumbing.config import MethodRate
 from onpolicy_core.stages import tune as tune_stage
 from onpolicy_core.stages.train import read_learning_rate
-from tests.conftest import default_config
+from tests.conftest import KilledOnCall, default_config
 
 BASE = default_config()
 OFF = dataclasses.replace(BASE.tracking, enabled=False)
@@ -86,15 +86,8 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
     # Killed as its second trial starts training: one trial finished, one failed in the study.
     from onpolicy_core.stages import train as train_stage
 
-    real_make_trainer, calls = train_stage.make_trainer, []
-
-    def dies_on_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_make_trainer(*args, **kwargs)
-
-    monkeypatch.setattr(train_stage, "make_trainer", dies_on_the_second)
+    real_make_trainer = train_stage.make_trainer
+    monkeypatch.setattr(train_stage, "make_trainer", KilledOnCall(real_make_trainer, kill_at=2))
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(train_stage, "make_trainer", real_make_trainer)
