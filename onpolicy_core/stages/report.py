@@ -425,8 +425,14 @@ def cost_section(cost: dict[str, dict], policy: dict | None) -> list[str]:
              "| model | data prep wall s | data prep CPU s | training wall s | training CPU s | total CPU s |", "|---|---|---|---|---|---|"]
     for group, c in cost.items():
         lines.append(f"| {group} | {s(c['data_wall_s'])} | {s(c['data_cpu_s'])} | {s(c['train_wall_s'])} | {s(c['train_cpu_s'])} | "
-                     f"{s(c['data_cpu_s'] + c['train_cpu_s'])} |")
+                     f"{s(_total(c['data_cpu_s'], c['train_cpu_s']))} |")
     return [*lines, ""]
+
+
+def _total(*parts: float | None) -> float | None:
+    """Sum of the parts that were measured; None when none was (a missing record is not zero cost)."""
+    known = [p for p in parts if p is not None]
+    return sum(known) if known else None
 
 
 def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, realign: dict, metric: str,
