@@ -79,7 +79,7 @@ def worker(spec: dict) -> dict:
     from onpolicy_core.plumbing.models import load_materialised
 
     torch.manual_seed(0)
-    model, tok = load_materialised(spec["model"])
+    model, tok = load_materialised(spec["model"], dtype="float32")
     data = pairs(spec["length"], spec["n"], tok)
     with torch.no_grad():
         model(input_ids=torch.tensor([data[0][0][:8]]))  # pages in the memory-mapped weights

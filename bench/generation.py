@@ -54,7 +54,7 @@ def worker(spec: dict) -> dict:
     from onpolicy_core.plumbing.models import load_materialised
 
     method, new_tokens, folder = spec["method"], spec["new_tokens"], spec["model"]
-    model, tok = load_materialised(folder)
+    model, tok = load_materialised(folder, dtype="float32")
     prompts = prompt_ids(spec["n"], tok)
     startup = None
     if method == "one-by-one":

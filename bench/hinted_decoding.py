@@ -74,7 +74,7 @@ def worker(spec: dict) -> dict:
 
         model, tok = None, AutoTokenizer.from_pretrained(spec["model"])
     else:
-        model, tok = load_materialised(spec["model"])
+        model, tok = load_materialised(spec["model"], dtype="float32")
     hinted, plain = prompts(n, tok)
     if model is not None:
         with torch.no_grad():

@@ -51,7 +51,7 @@ def worker(spec: dict) -> dict:
     )
     from onpolicy_core.plumbing.models import load_materialised
 
-    model, tok = load_materialised(spec["model"])
+    model, tok = load_materialised(spec["model"], dtype="float32")
     questions = load_choice_set("arc_easy", DATA, spec["n"], "first", 0).questions
     encoded = [encode_question(tok, context(q), continuations(q)) for q in questions]
     if spec["method"] == "naive":

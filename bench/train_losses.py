@@ -76,7 +76,7 @@ def worker(method: str, steps: int, batch: int, folder: str) -> dict:
     from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 
     torch.manual_seed(0)
-    model, tok = load_materialised(folder)
+    model, tok = load_materialised(folder, dtype="float32")
     problems = gsm8k(GSM8K_TRAIN)[: batch * (steps + 1)]
     rows = [{"prompt": render_prompt(tok, p.question), "completion": p.solution + tok.eos_token} for p in problems]
     times: list[float] = []

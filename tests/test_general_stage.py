@@ -112,7 +112,7 @@ def test_general_stage_on_real_arc_easy(tmp_path, embedded_model_dir, arc_easy):
     assert json.loads((out / "summary.json").read_text())["benchmarks"]["arc_easy"] == m
     assert json.loads(run_record_path(out).read_text())["per_set"]["arc_easy"]["questions"] == 24
     # The cached batched scores of the real model and tokenizer are the naive per-choice forward's.
-    model, tokenizer = load_materialised(embedded_model_dir)
+    model, tokenizer = load_materialised(embedded_model_dir, dtype="float32")
     questions = load_choice_set("arc_easy", arc_easy, 2, "first", 0).questions
     for q, row in zip(questions, records.itertuples()):
         ctx = tokenizer(context(q), add_special_tokens=False)["input_ids"]

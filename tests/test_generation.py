@@ -31,7 +31,7 @@ NEAR_TIE = 0.05
 def embedded(embedded_model_dir):
     from onpolicy_core.plumbing.models import load_materialised
 
-    return load_materialised(embedded_model_dir)
+    return load_materialised(embedded_model_dir, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def test_vllm_backend_gives_the_hf_generators_greedy_tokens(engine, embedded_mod
     from onpolicy_core.decoding.generation import stop_token_ids
     from onpolicy_core.plumbing.models import load_materialised
 
-    model, tok = load_materialised(embedded_model_dir)
+    model, tok = load_materialised(embedded_model_dir, dtype="float32")
     problems = generate(3, 1, 2, 9, seed=1) + generate(2, 5, 6, 50, seed=2)  # mixed prompt lengths
     hinted = [tok(render_hinted_prompt(tok, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
     plain = [tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]

@@ -20,7 +20,7 @@ def test_embedded_model_is_materialised_as_a_plain_hf_folder(embedded_model_dir)
     provenance = json.loads((embedded_model_dir / "onpolicy_model.json").read_text())
     assert provenance["kind"] == "gguf" and len(provenance["gguf_sha256"]) == 64
     assert "quantization_config" not in json.loads((embedded_model_dir / "config.json").read_text())
-    model, tok = load_materialised(embedded_model_dir)
+    model, tok = load_materialised(embedded_model_dir, dtype="float32")
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
     assert prompt.rstrip().endswith("assistant")
     ids = tok(prompt, return_tensors="pt")
@@ -44,4 +44,4 @@ def test_specs_resolve_to_gguf_local_or_hub(tmp_path, embedded_model_dir):
     with pytest.raises(ModelSourceError, match="not found"):
         resolve_source(ModelConfig(source="./missing-folder"))
     with pytest.raises(ModelSourceError, match="no materialised model"):
-        load_materialised(tmp_path)
+        load_materialised(tmp_path, dtype="float32")

@@ -31,7 +31,7 @@ def corpus(tmp_path):
 
 
 def test_greedy_batched_equals_reference_on_the_embedded_model(embedded_model_dir):
-    model, tok = load_materialised(embedded_model_dir)
+    model, tok = load_materialised(embedded_model_dir, dtype="float32")
     problems = generate(3, 1, 4, 30, seed=2)
     hinted_ids = [tok(render_hinted_prompt(tok, p.question, p.solution, "# CoT\n"), add_special_tokens=False)["input_ids"] for p in problems]
     plain_ids = [tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in problems]

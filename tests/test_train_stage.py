@@ -43,7 +43,7 @@ def _completion_nll(model, paths) -> float:
     from onpolicy_core.data.io import read_jsonl
     from onpolicy_core.plumbing.models import load_materialised
 
-    _, tok = load_materialised(paths.model)
+    _, tok = load_materialised(paths.model, dtype="float32")
     pairs = [encode_pair(tok, render_prompt(tok, r["question"]), r["solution"] + tok.eos_token)
              for r in read_jsonl(f"{paths.data}/train.jsonl")]
     scores = score_batch(model.eval(), [a for a, _ in pairs], [b for _, b in pairs])

@@ -189,9 +189,17 @@ def resolve_precision(setting: str) -> str:
     return setting if setting != "auto" else ("bf16" if bf16_native() else "fp32")
 
 
-def load_materialised(folder: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a folder written by the `model` stage, in eval mode, on `device`
-    ('auto': the GPU when there is one)."""
+TRAINING_DTYPE = "float32"
+"""The weights every training stage (prime, tune, train) loads and updates, whatever model.dtype is: the
+optimizer keeps float32 master weights, and train.common.precision sets the compute (bf16 mixed
+precision where the hardware has it). Decoding stages load model.dtype; scoring loads float32 and
+score.precision sets its matmuls."""
+
+
+def load_materialised(folder: str | Path, dtype: str, device: str = "cpu"):
+    """(model, tokenizer) from a folder written by the `model` stage, in `dtype` (every caller names
+    its own: model.dtype, TRAINING_DTYPE or float32 for scoring), in eval mode, on `device` ('auto':
+    the GPU when there is one)."""
     deterministic_torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -13,7 +13,6 @@ checkpointed: a killed run resumes, and shard workers split the units between th
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -50,8 +49,7 @@ from onpolicy_core.stages.skeleton import (
     model_stage,
     publish,
     read_run_record,
-    shard_timing,
-    take_shard_records,
+    run_units,
     write_run_record,
 )
 
@@ -184,42 +182,28 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
                      dtype=model_cfg.dtype, shard=shard, merge=merge) as stage:
         if stage.run is not None:
             stage.run.set_tags(model_tags(name) | {"onpolicy.backend": cfg.backend, "onpolicy.benchmarks": ",".join(cfg.benchmarks)})
-        start, new_tokens = time.perf_counter(), 0
-        if merge:
-            rows = stage.shards.collect(len(units))
-        else:
+
+        def evaluate_units(mine: range) -> list[dict]:
             generator = make_generator(cfg, folder, model_cfg, stage)
 
             def evaluate_unit(unit: list[tuple[str, int]]) -> list[dict]:
-                nonlocal new_tokens
                 ((benchmark, first),) = unit
-                problems = loaded[benchmark][0][first : first + cfg.work_unit]
-                unit_rows = evaluate_benchmark(generator, stage.tokenizer, benchmark, problems, cfg)
-                new_tokens += sum(r["n_tokens"] for r in unit_rows)
-                return unit_rows
+                return evaluate_benchmark(generator, stage.tokenizer, benchmark, loaded[benchmark][0][first : first + cfg.work_unit], cfg)
 
-            mine = shard.units(len(units)) if shard is not None else None
-            resumed = sum(stage.shards.done(u) for u in mine) if mine is not None else 0
             try:
-                rows = map_units(stage.shards, units, 1, evaluate_unit, units=mine)
+                return map_units(stage.shards, units, 1, evaluate_unit, units=mine)
             finally:
                 generator.close()
-            if shard is not None:
-                write_run_record(out, {"seconds": round(time.perf_counter() - start, 1), "units": [mine.start, mine.stop],
-                                       "units_resumed": resumed, "generated_tokens": new_tokens}, shard)
-                return None
-        seconds = time.perf_counter() - start
+
+        done = run_units(stage, out, len(units), evaluate_units, shard=shard, merge=merge)
+        if done is None:
+            return None
+        rows, timing = done.rows, done.timing()
         generated = sum(r["n_tokens"] for r in rows)
         metrics = {b: benchmark_metrics([r for r in rows if r["benchmark"] == b], cfg.samples) for b in cfg.benchmarks}
         skipped = {b: dict(report.skipped) for b, (_, report) in loaded.items() if report is not None and report.skipped}
         summary = {"model": name, "backend": cfg.backend, "benchmarks": metrics, "skipped": skipped, "generated_tokens": generated}
-        shards_run = take_shard_records(out) if merge else {}
-        timing = shard_timing(shards_run)
-        # Throughput of the work done now: units read back from a killed run's checkpoints cost no time here.
-        busy, made = (timing["shard_seconds_total"], sum(r.get("generated_tokens", 0) for r in shards_run.values())) if timing \
-            else (seconds, new_tokens)
-        record = {"seconds": round(seconds, 1), "tokens_per_second": round(made / busy, 1) if made and busy else None,
-                  "mlflow_run_id": stage.run.run_id, "mlflow_parent_run_id": parent, **timing, "shards": shards_run}
+        record = done.record(stage.run, mlflow_parent_run_id=parent)
         flat = {f"{b}/{k}": v for b, m in metrics.items() for k, v in m.items()}
         if parent:
             log_metrics_to(parent, {f"eval/{k}": v for k, v in flat.items()}, tracking)
@@ -229,7 +213,7 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
         write_parquet(out / "records.parquet", rows)
         write_json(out / "summary.json", summary)
         publish(stage.run, out / "metrics.json", headline_metrics(metrics), [out / "summary.json", out / "records.parquet"],
-                logged=flat | timing | {"tokens_per_second": record["tokens_per_second"] or 0.0})
+                logged=flat | timing)
         write_run_record(out, record)
         log.info("eval %s: %s -> %s", name, {b: round(m.get("greedy_accuracy", m.get("avg_at_k", 0.0)), 3) for b, m in metrics.items()}, out)
     return metrics

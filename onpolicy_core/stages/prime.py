@@ -41,6 +41,7 @@ from onpolicy_core.plumbing.config import (
 )
 from onpolicy_core.plumbing.models import (
     PROVENANCE_FILE,
+    TRAINING_DTYPE,
     load_materialised,
     model_identity,
     weights_sha256,
@@ -142,7 +143,7 @@ def run_prime(model_cfg: ModelConfig, data_cfg: DataConfig, paths: PathsConfig, 
                 raise InputError(f"model.prime needs the data splits to keep the primer set disjoint; missing {missing}")
             taken = {p.question for f in splits for p in read_problems(f)}
             train, held_out, dropped = primer_problems(prime, data_cfg, taken)
-            model, tokenizer = load_materialised(paths.model)
+            model, tokenizer = load_materialised(paths.model, dtype=TRAINING_DTYPE)
             summary["raw"] = check_policy(model, tokenizer, held_out, prime.check_max_new_tokens)
             model.train()
             model, loss, steps = _train(model, tokenizer, train, prime, report.parent / ".prime.work", tracking)

@@ -62,8 +62,7 @@ from onpolicy_core.stages.skeleton import (
     model_stage,
     n_units,
     publish,
-    shard_timing,
-    take_shard_records,
+    run_units,
     write_run_record,
 )
 
@@ -286,9 +285,8 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
     with model_stage("realign", config | {"workers": cfg.workers}, tracking, out=out, model_dir=paths.policy, fingerprint=fingerprint,
                      inputs=[paths.policy, input_path], run_name=f"realign-{variant}", dtype=model_cfg.dtype, shard=shard,
                      merge=merge) as stage:
-        start = time.perf_counter()
 
-        def realign_units(units: range | None) -> list[dict]:
+        def realign_units(units: range) -> list[dict]:
             engine = None
             if cfg.backend == "vllm":
                 from onpolicy_core.decoding.generation import (
@@ -303,16 +301,10 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
                 engine = make_engine(str(paths.policy), cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed)
             return realign_records(stage.model, stage.tokenizer, problems, cfg, variant, stage.shards, engine, units)
 
-        total = n_units(len(problems), cfg.work_unit)
-        if shard is not None:
-            units = shard.units(total)
-            resumed = sum(stage.shards.done(u) for u in units)
-            rows = realign_units(units)
-            write_run_record(out, {"seconds": round(time.perf_counter() - start, 1), "units": [units.start, units.stop],
-                                   "units_resumed": resumed, "examples": len(rows)}, shard)
+        done = run_units(stage, out, n_units(len(problems), cfg.work_unit), realign_units, shard=shard, merge=merge)
+        if done is None:
             return None
-        rows = stage.shards.collect(total) if merge else realign_units(None)
-        seconds = time.perf_counter() - start
+        rows, timing = done.rows, done.timing()
         train = apply_policy(rows, cfg.on_unverified)
         summary = summarise(rows, variant, mixing)
         summary["train_examples"] = len(train)
@@ -331,11 +323,9 @@ def run_realign(cfg: RealignConfig, paths: PathsConfig, tracking: TrackingConfig
             **{f"decoded_by.{k}": v for k, v in summary["decoded_by"].items()},
         }
         headline = {k: metrics[k] for k in ("verified_rate", "eos_rate", "train_examples", "avg_phi_realigned")}
-        shards_run = take_shard_records(out) if merge else {}
-        timing = {"seconds": round(seconds, 1)} | shard_timing(shards_run)
         publish(stage.run, out / "metrics.json", headline, [out / "summary.json", out / "records.jsonl"],
                 logged=metrics | timing)
-        write_run_record(out, timing | {"mlflow_run_id": stage.run.run_id, "shards": shards_run})
+        write_run_record(out, done.record(stage.run))
         log.info("realign %s: %d/%d verified, avg-phi original %.3f -> %s %.3f", variant,
                  sum(r["verified"] for r in rows), len(rows), summary["avg_phi"]["original"] or float("nan"),
                  variant, summary["avg_phi"][variant] or float("nan"))

@@ -37,8 +37,7 @@ from onpolicy_core.stages.skeleton import (
     model_stage,
     n_units,
     publish,
-    shard_timing,
-    take_shard_records,
+    run_units,
     write_run_record,
 )
 
@@ -211,28 +210,16 @@ def run_score(
                      # float32 weights whatever model.dtype is: score.precision sets the matmuls (bf16
                      # autocast or fp32), and log p and H are taken in float32 either way.
                      dtype="float32") as stage:
-        start = time.perf_counter()
-        total = n_units(len(problems), cfg.work_unit)
-        if shard is not None:
-            units = shard.units(total)
-            resumed = sum(stage.shards.done(u) for u in units)
-            rows = score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards, units)
-            write_run_record(out, {"seconds": round(time.perf_counter() - start, 1), "units": [units.start, units.stop],
-                                   "units_resumed": resumed, "examples": len(rows)}, shard)
+        done = run_units(stage, out, n_units(len(problems), cfg.work_unit),
+                         lambda units: score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards, units),
+                         shard=shard, merge=merge)
+        if done is None:
             return None
-        if merge:
-            rows = stage.shards.collect(total)
-        else:
-            rows = score_records(stage.model, stage.tokenizer, problems, cfg, response_field, stage.shards)
-        seconds = time.perf_counter() - start
+        rows, timing = done.rows, done.timing()
         summary = summarise(rows, cfg)
         ids, rule = select(rows, cfg)
         summary["selection"] = rule
         summary["precision"] = cfg.precision
-        shards_run = take_shard_records(out) if merge else {}
-        timing = {"seconds": round(seconds, 2), **shard_timing(shards_run)}
-        busy = timing.get("shard_seconds_total", seconds)  # a merge's own seconds are only the reading back
-        timing["tokens_per_second"] = round(summary["tokens"] / max(busy, 1e-9), 1)
         out.mkdir(parents=True, exist_ok=True)
         write_parquet(out / SCORES_FILE, rows)
         keep = set(ids)
@@ -241,9 +228,9 @@ def run_score(
         plot(rows, summary, out / PLOT_FILE, f"DDT scores: {name} ({summary['scored_examples']} examples)")
         publish(stage.run, out / METRICS_FILE, _headline(summary), [out / SUMMARY_FILE, out / PLOT_FILE],
                 logged=_flat_metrics(summary) | timing)
-        write_run_record(out, {**timing, "mlflow_run_id": stage.run.run_id, "shards": shards_run})
-        log.info("score %s: avg-phi mean %s over %d examples, %.0f tok/s", name,
-                 summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], timing["tokens_per_second"])
+        write_run_record(out, done.record(stage.run))
+        log.info("score %s: avg-phi mean %s over %d examples, %s tok/s", name,
+                 summary.get("avg_phi", {}).get("mean"), summary["scored_examples"], timing.get("tokens_per_second"))
     return summary
 
 

@@ -117,6 +117,55 @@ def map_units(shards: ShardedResults | None, items: Sequence[T], unit_size: int,
     return rows
 
 
+@dataclass
+class UnitsDone:
+    """What `run_units` did in a whole run or a merge: every unit's rows, in order, and what they cost."""
+
+    rows: list[dict]
+    seconds: float
+    """This process's seconds (a merge's are only the reading back)."""
+    tokens_made: int
+    """Tokens of the units computed now, here or by the shards (units read back from a killed run cost nothing now)."""
+    shards: dict[str, dict]
+    """The shard workers' run records (a merge), else {}."""
+
+    def timing(self) -> dict[str, float]:
+        """One timing for every sharded stage: its seconds, its shards' (a merge), and tokens per second
+        of the work done now (by the shards, for a merge)."""
+        shards = shard_timing(self.shards)
+        busy = shards.get("shard_seconds_total", self.seconds)
+        speed = {"tokens_per_second": round(self.tokens_made / busy, 1)} if self.tokens_made and busy else {}
+        return {"seconds": round(self.seconds, 1), **shards, **speed}
+
+    def record(self, run: StageRun, **extra: Any) -> dict:
+        """The stage's run record: timing, its MLflow run and the shards' own records."""
+        return self.timing() | {"mlflow_run_id": run.run_id, "shards": self.shards} | extra
+
+
+def run_units(stage: ModelStage, out: Path, total: int, compute: Callable[[range], list[dict]], *,
+              shard: Shard | None = None, merge: bool = False) -> UnitsDone | None:
+    """The whole / shard / merge branch every sharded stage shares. `compute(units)` returns the rows
+    of those work units through `stage.shards` (computing only the units not yet done). A shard worker
+    computes its units, writes its run record and returns None: it writes no outputs. A merge reads
+    every unit back; a whole run computes them all. The stage writes its outputs from `.rows`, so N
+    shards give the bytes of one run. Each row counts its tokens in `n_tokens`."""
+    start = time.perf_counter()
+    if merge:
+        rows = stage.shards.collect(total)
+        shards = take_shard_records(out)
+        return UnitsDone(rows, time.perf_counter() - start, sum(r.get("tokens_made", 0) for r in shards.values()), shards)
+    mine = shard.units(total) if shard is not None else range(total)
+    fresh = [u for u in mine if not stage.shards.done(u)]
+    rows = compute(mine)
+    made = sum(row["n_tokens"] for u in fresh for row in stage.shards.read(u))
+    seconds = time.perf_counter() - start
+    if shard is not None:
+        write_run_record(out, {"seconds": round(seconds, 1), "units": [mine.start, mine.stop],
+                               "units_resumed": len(mine) - len(fresh), "tokens_made": made}, shard)
+        return None
+    return UnitsDone(rows, seconds, made, {})
+
+
 def run_record_path(out: Path) -> Path:
     """Where a stage records what one execution was (artifacts/eval/base -> artifacts/.runs/eval/base.json):
     wall time, throughput, MLflow run ids, the checkpoint it resumed from. These differ between two

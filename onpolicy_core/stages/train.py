@@ -52,12 +52,13 @@ from onpolicy_core.plumbing.config import (
 )
 from onpolicy_core.plumbing.models import (
     PROVENANCE_FILE,
+    TRAINING_DTYPE,
     load_materialised,
     model_identity,
     weights_sha256,
 )
 from onpolicy_core.plumbing.tracking import stage_run
-from onpolicy_core.stages.skeleton import write_run_record
+from onpolicy_core.stages.skeleton import publish, write_run_record
 from onpolicy_core.training.preference import build_pairs
 from onpolicy_core.training.sft import TokenWeightedSFTTrainer
 
@@ -295,7 +296,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
     with stage_run("train", config, tracking if main else dataclasses.replace(tracking, enabled=False), run_name=f"train-{run}",
                    inputs=[paths.policy, data_file, rate_file(paths, method)]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
-        model, tokenizer = load_materialised(paths.policy)
+        model, tokenizer = load_materialised(paths.policy, dtype=TRAINING_DTYPE)
         summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed, "learning_rate": learning_rate,
                          "learning_rate_source": source}
         rows = training_rows(method, cfg, model, tokenizer, problems, summary)
@@ -329,11 +330,10 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "onpolicy_train.json", config)
             write_json(tmp / PROVENANCE_FILE, {"kind": "trained", "run": run, "weights_sha256": weights_sha256(tmp)})
-        write_json(out / "metrics.json", {"train_loss": train_loss, "steps": trainer.state.global_step})
         write_json(out / "summary.json", summary)
+        publish(handle, out / "metrics.json", {"train_loss": train_loss, "steps": trainer.state.global_step}, [out / "summary.json"],
+                logged={"final_train_loss": train_loss, "steps": trainer.state.global_step})  # train_loss: HF's own, per step
         write_run_record(out, record)
-        handle.log_metrics({"final_train_loss": train_loss, "steps": trainer.state.global_step})
-        handle.log_artifact(out / "summary.json")
         ranges = {"phi": (-3 * cfg.idft.beta, 3 * cfg.idft.beta), "gamma": (cfg.idft.gamma_min, cfg.idft.gamma_max)}
         if plot_diagnostics(trainer.state.log_history, out / "diagnostics.png", f"{run}: loss and IDFT diagnostics", ranges):
             handle.log_artifact(out / "diagnostics.png")

@@ -240,7 +240,7 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
     # Imported here: torch, TRL and the generators load only when a method is tuned, so a fixed
     # rate's stage takes a second.
     from onpolicy_core.decoding.generation import HFGenerator
-    from onpolicy_core.plumbing.models import load_materialised
+    from onpolicy_core.plumbing.models import TRAINING_DTYPE, load_materialised
     from onpolicy_core.stages.eval import benchmark_metrics, evaluate_benchmark
     from onpolicy_core.stages.train import make_trainer, trained_model, training_rows
     rows_file = work / "rows.json"
@@ -249,7 +249,7 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
         rows, pair_summary = cached["rows"], cached["summary"]
     else:  # once per study: every trial trains on the same rows (pairs sampled from the start model)
         pair_summary: dict = {}
-        base, tokenizer = load_materialised(model_dir)
+        base, tokenizer = load_materialised(model_dir, dtype=TRAINING_DTYPE)
         rows = training_rows(method, train, base, tokenizer, read_problems(train_file), pair_summary)
         del base, tokenizer
         write_json(rows_file, {"rows": rows, "summary": pair_summary})
@@ -263,7 +263,7 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
         folder = work / f"trial-{trial.number}"
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()
-        model, tokenizer = load_materialised(model_dir)  # a fresh model and tokenizer, as the train stage loads them
+        model, tokenizer = load_materialised(model_dir, dtype=TRAINING_DTYPE)  # a fresh model and tokenizer, as the train stage loads them
         trainer = make_trainer(method, train, lr, model, tokenizer, rows, folder, tracking)
         result = trainer.train()
         trained = trained_model(trainer, train.common).eval()

@@ -1,0 +1,84 @@
+"""model.dtype is the one dtype setting: under bfloat16 (the paper preset) every stage that decodes
+loads the policy in bf16, on HF and in the vLLM engine, while scoring and training keep float32
+weights by design (score.precision and train.common.precision set their compute; see
+plumbing.models.TRAINING_DTYPE). The realign stage's HF path: tests/test_realign_stage.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onpolicy_core.data.arithmetic import generate
+from onpolicy_core.data.io import write_jsonl
+from onpolicy_core.plumbing import models
+from onpolicy_core.stages import skeleton
+from tests.conftest import default_config
+
+
+@pytest.fixture
+def loaded_dtypes(monkeypatch):
+    """The dtype of every model a stage loads through the shared skeleton, in order (the real loader)."""
+    seen: list[str] = []
+
+    def recording(*args, **kwargs):
+        model, tokenizer = models.load_materialised(*args, **kwargs)
+        seen.append(str(model.dtype).removeprefix("torch."))
+        return model, tokenizer
+
+    monkeypatch.setattr(skeleton, "load_materialised", recording)
+    return seen
+
+
+def _bf16(tmp_path, model_dir, *overrides):
+    data = tmp_path / "data"
+    write_jsonl(data / "eval.jsonl", (p.to_dict() for p in generate(2, 1, 2, 9, seed=7)))
+    write_jsonl(data / "train.jsonl", (p.to_dict() for p in generate(2, 1, 2, 9, seed=8)))
+    return default_config("model.dtype=bfloat16", f"paths.model={model_dir}", f"paths.policy={model_dir}", f"paths.data={data}",
+                          f"paths.eval={tmp_path / 'eval'}", f"paths.general={tmp_path / 'general'}", f"paths.score={tmp_path / 'score'}",
+                          f"paths.train={tmp_path / 'train'}", "tracking.enabled=false", *overrides)
+
+
+def test_hf_stages_decode_in_model_dtype_and_scoring_keeps_float32(tmp_path, embedded_model_dir, loaded_dtypes):
+    from onpolicy_core.stages.eval import run_eval
+    from onpolicy_core.stages.general import run_general
+    from onpolicy_core.stages.score import run_score
+
+    arc = tmp_path / "mc" / "arc_easy"
+    arc.mkdir(parents=True)
+    (arc / "test.jsonl").write_text(json.dumps({"id": "q1", "question": "What do plants need to grow?", "choices": ["light", "stone"],
+                                                "answer": 0}) + "\n")
+    p = _bf16(tmp_path, embedded_model_dir, "eval.backend=hf", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4",
+              "general.benchmarks=[arc_easy]", f"general.data_root={tmp_path / 'mc'}", "general.limit=1")
+    run_eval(p.eval, p.paths, p.tracking, p.model, p.data, "base")
+    run_general(p.general, p.paths, p.tracking, p.model, "base")
+    run_score(p.score, p.paths, p.tracking, tmp_path / "data" / "train.jsonl", tmp_path / "score" / "original")
+    assert loaded_dtypes == ["bfloat16", "bfloat16", "float32"], "eval and general in model.dtype; DDT scoring in float32 weights"
+
+
+def test_the_vllm_engine_runs_in_model_dtype(tmp_path, embedded_model_dir, monkeypatch):
+    """Hinted Decoding on vLLM (the issue: it ran in fp32 under the bf16 paper preset) and vLLM evaluation."""
+    pytest.importorskip("vllm")
+    if not models.bf16_native():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX), which vLLM on CPU needs for a bf16 engine")
+    import torch
+
+    from onpolicy_core.decoding import generation, hinted_vllm
+    from onpolicy_core.stages.eval import run_eval
+    from onpolicy_core.stages.realign import run_realign
+
+    engines: list[torch.dtype] = []
+    real = generation.make_vllm_engine
+
+    def recording(*args, **kwargs):
+        llm = real(*args, **kwargs)
+        engines.append(llm.llm_engine.model_config.dtype)
+        return llm
+
+    monkeypatch.setattr(generation, "make_vllm_engine", recording)
+    monkeypatch.setattr(hinted_vllm, "make_vllm_engine", recording)
+    p = _bf16(tmp_path, embedded_model_dir, "realign.backend=vllm", "realign.decoding.max_new_tokens=4", "realign.decoding.greedy=true",
+              "eval.backend=vllm", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4")
+    summary = run_realign(p.realign, p.paths, p.tracking, p.model, "hinted", tmp_path / "data" / "train.jsonl", tmp_path / "realign")
+    run_eval(p.eval, p.paths, p.tracking, p.model, p.data, "base")
+    assert engines == [torch.bfloat16, torch.bfloat16] and summary["dtype"] == "bfloat16"
