@@ -274,7 +274,7 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
 
 @app.command()
 def preset(
-    name: Annotated[str, typer.Argument(help="A file name in presets/ without .yaml: cpu-default, gsm8k, paper.")],
+    name: Annotated[str, typer.Argument(help="A file name in presets/ without .yaml: cpu-default, gsm8k, paper, study.")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Apply a preset onto params.yaml (comments kept; the result is validated before it is written)."""

@@ -167,3 +167,13 @@ def test_a_run_on_data_identical_to_another_runs_is_not_a_separate_result(tmp_pa
     assert any(f.startswith("hinted: 100.0% of its 4 training examples are the original solution") for f in flags)
     assert any("idft-hinted trained on exactly the data of idft-original" in f for f in flags)
     assert not any(f.startswith("self_distill") for f in flags), "25% fallback is not mostly the original"
+    assert sets["self_distill"]["shared_with"] == {"original": 0.25} and sets["hinted"]["shared_with"] == {"original": 1.0, "self_distill": 0.25}
+    assert not any("word for word" in f for f in flags), "identical sets are merged, a 25% overlap is not flagged"
+    # Rewrites that are nearly all the same text (Hinted Decoding that barely mixed) are flagged as nearly one result.
+    many = [{**r, "id": f"p{i}", "question": f"q{i}", "solution": f"s{i}"} for i, r in enumerate(original * 5)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", many)
+    write_jsonl(tmp_path / "realign" / "hinted" / "train.jsonl", [{**r, "solution": "x" if i == 0 else r["solution"]} for i, r in enumerate(many)])
+    write_jsonl(tmp_path / "realign" / "self_distill" / "train.jsonl", many[:2])
+    flags = data_flags(training_sets(paths), {})
+    assert flags == ["original and hinted: 95.0% of their training examples are the same text word for word, so runs on them "
+                     "differ only by the rest: read their rows as nearly one result."]

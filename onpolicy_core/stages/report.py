@@ -292,31 +292,41 @@ FALLBACK_FLAG = 0.5
 """A realigned training set with more than this share of original solutions (fallbacks) is flagged."""
 
 
-def _content_digest(path: Path) -> tuple[str, int, int]:
-    """(digest of the (question, solution) pairs trained on, examples, fallbacks) of a training file:
-    two files with one digest train the same model, whatever else their records carry."""
+NEAR_SAME_FLAG = 0.9
+"""Two training sets that share more than this share of their examples word for word are flagged:
+runs on them differ only by the rest (at CPU scale Hinted Decoding can mix so little that its rewrites
+are the self-distilled ones)."""
+
+
+def _content_digest(path: Path) -> tuple[str, int, int, set[str]]:
+    """(digest of the (question, solution) pairs trained on, examples, fallbacks, each pair's digest)
+    of a training file: two files with one digest train the same model, whatever else their records carry."""
     import hashlib
 
     from onpolicy_core.data.io import read_jsonl
 
     rows = read_jsonl(path)
-    digest = hashlib.sha256()
+    digest, pairs = hashlib.sha256(), set()
     for r in rows:
-        digest.update(json.dumps([r["question"], r["solution"]], ensure_ascii=False).encode() + b"\n")
-    return digest.hexdigest(), len(rows), sum(r.get("realign_outcome") == "fallback_original" for r in rows)
+        line = json.dumps([r["question"], r["solution"]], ensure_ascii=False).encode() + b"\n"
+        digest.update(line)
+        pairs.add(hashlib.sha256(line).hexdigest())
+    return digest.hexdigest(), len(rows), sum(r.get("realign_outcome") == "fallback_original" for r in rows), pairs
 
 
 def training_sets(paths: PathsConfig) -> dict[str, dict]:
     """Per training set (original, self_distill, hinted) that exists: examples, how many are the
-    original solution (fallbacks of unverified rewrites) and a digest of what is trained on."""
+    original solution (fallbacks of unverified rewrites), a digest of what is trained on, and the share
+    of its examples each earlier set has word for word (`shared_with`)."""
     from onpolicy_core.plumbing.config import training_file
 
-    out = {}
+    out, pairs = {}, {}
     for data in get_args(TrainData):
         path = Path(training_file(paths, data))
         if path.is_file():
-            digest, n, fallbacks = _content_digest(path)
-            out[data] = {"examples": n, "fallbacks": fallbacks, "fallback_share": fallbacks / n if n else None, "digest": digest}
+            digest, n, fallbacks, pairs[data] = _content_digest(path)
+            out[data] = {"examples": n, "fallbacks": fallbacks, "fallback_share": fallbacks / n if n else None, "digest": digest,
+                         "shared_with": {other: len(pairs[data] & pairs[other]) / max(n, out[other]["examples"], 1) for other in out}}
     return out
 
 
@@ -343,6 +353,11 @@ def data_flags(sets: dict[str, dict], aliases: dict[str, str]) -> list[str]:
         if data != "original" and s["fallback_share"] is not None and s["fallback_share"] > FALLBACK_FLAG:
             flags.append(f"{data}: {_pct(s['fallback_share'])}% of its {s['examples']} training examples are the original solution "
                          "(unverified rewrites fell back): it is mostly the original data.")
+    for data, s in sets.items():
+        for other, share in s.get("shared_with", {}).items():
+            if share > NEAR_SAME_FLAG and s["digest"] != sets[other]["digest"]:
+                flags.append(f"{other} and {data}: {_pct(share)}% of their training examples are the same text word for word, "
+                             "so runs on them differ only by the rest: read their rows as nearly one result.")
     for group, twin in aliases.items():
         flags.append(f"{group} trained on exactly the data of {twin}: it is the same model, so it is not reported as a separate result.")
     return flags
