@@ -171,9 +171,10 @@ def test_a_run_on_data_identical_to_another_runs_is_not_a_separate_result(tmp_pa
     assert not any("word for word" in f for f in flags), "identical sets are merged, a 25% overlap is not flagged"
     # Rewrites that are nearly all the same text (Hinted Decoding that barely mixed) are flagged as nearly one result.
     many = [{**r, "id": f"p{i}", "question": f"q{i}", "solution": f"s{i}"} for i, r in enumerate(original * 5)]
+    mine = [{**r, "solution": f"mine {i}"} for i, r in enumerate(many)]
     write_jsonl(tmp_path / "data" / "train.jsonl", many)
-    write_jsonl(tmp_path / "realign" / "hinted" / "train.jsonl", [{**r, "solution": "x" if i == 0 else r["solution"]} for i, r in enumerate(many)])
-    write_jsonl(tmp_path / "realign" / "self_distill" / "train.jsonl", many[:2])
+    write_jsonl(tmp_path / "realign" / "self_distill" / "train.jsonl", mine)
+    write_jsonl(tmp_path / "realign" / "hinted" / "train.jsonl", [{**r, "solution": "x" if i == 0 else r["solution"]} for i, r in enumerate(mine)])
     flags = data_flags(training_sets(paths), {})
-    assert flags == ["original and hinted: 95.0% of their training examples are the same text word for word, so runs on them "
+    assert flags == ["self_distill and hinted: 95.0% of their training examples are the same text word for word, so runs on them "
                      "differ only by the rest: read their rows as nearly one result."]

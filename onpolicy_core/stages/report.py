@@ -355,7 +355,8 @@ def data_flags(sets: dict[str, dict], aliases: dict[str, str]) -> list[str]:
                          "(unverified rewrites fell back): it is mostly the original data.")
     for data, s in sets.items():
         for other, share in s.get("shared_with", {}).items():
-            if share > NEAR_SAME_FLAG and s["digest"] != sets[other]["digest"]:
+            # Against the original set the fallback flag above already speaks.
+            if other != "original" and share > NEAR_SAME_FLAG and s["digest"] != sets[other]["digest"]:
                 flags.append(f"{other} and {data}: {_pct(share)}% of their training examples are the same text word for word, "
                              "so runs on them differ only by the rest: read their rows as nearly one result.")
     for group, twin in aliases.items():
