@@ -56,29 +56,47 @@ def test_hf_stages_decode_in_model_dtype_and_scoring_keeps_float32(tmp_path, emb
     assert loaded_dtypes == ["bfloat16", "bfloat16", "float32"], "eval and general in model.dtype; DDT scoring in float32 weights"
 
 
-def test_the_vllm_engine_runs_in_model_dtype(tmp_path, embedded_model_dir, monkeypatch):
-    """Hinted Decoding on vLLM (the issue: it ran in fp32 under the bf16 paper preset) and vLLM evaluation."""
+ENGINE_DTYPES = """
+import json, sys
+from pathlib import Path
+from onpolicy_core.decoding import generation, hinted_vllm
+from onpolicy_core.plumbing.config import default_params
+from onpolicy_core.stages.eval import run_eval
+from onpolicy_core.stages.realign import run_realign
+
+engines, real = [], generation.make_vllm_engine
+
+def recording(*args, **kwargs):
+    llm = real(*args, **kwargs)
+    engines.append(str(llm.llm_engine.model_config.dtype))
+    return llm
+
+generation.make_vllm_engine = hinted_vllm.make_vllm_engine = recording
+overrides, data, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+p = default_params(overrides)
+summary = run_realign(p.realign, p.paths, p.tracking, p.model, "hinted", data / "train.jsonl", out)
+run_eval(p.eval, p.paths, p.tracking, p.model, p.data, "base")
+print(json.dumps({"engines": engines, "summary_dtype": summary["dtype"]}))
+"""
+
+
+def test_the_vllm_engine_runs_in_model_dtype(tmp_path, embedded_model_dir):
+    """Hinted Decoding on vLLM (the issue: it ran in fp32 under the bf16 paper preset) and vLLM
+    evaluation, in a fresh process as each stage runs (vLLM's in-process engine keeps process-wide
+    state that a later engine of a long test session would inherit)."""
+    import subprocess
+    import sys
+
     pytest.importorskip("vllm")
     if not models.bf16_native():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX), which vLLM on CPU needs for a bf16 engine")
-    import torch
-
-    from onpolicy_core.decoding import generation, hinted_vllm
-    from onpolicy_core.stages.eval import run_eval
-    from onpolicy_core.stages.realign import run_realign
-
-    engines: list[torch.dtype] = []
-    real = generation.make_vllm_engine
-
-    def recording(*args, **kwargs):
-        llm = real(*args, **kwargs)
-        engines.append(llm.llm_engine.model_config.dtype)
-        return llm
-
-    monkeypatch.setattr(generation, "make_vllm_engine", recording)
-    monkeypatch.setattr(hinted_vllm, "make_vllm_engine", recording)
-    p = _bf16(tmp_path, embedded_model_dir, "realign.backend=vllm", "realign.decoding.max_new_tokens=4", "realign.decoding.greedy=true",
-              "eval.backend=vllm", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4")
-    summary = run_realign(p.realign, p.paths, p.tracking, p.model, "hinted", tmp_path / "data" / "train.jsonl", tmp_path / "realign")
-    run_eval(p.eval, p.paths, p.tracking, p.model, p.data, "base")
-    assert engines == [torch.bfloat16, torch.bfloat16] and summary["dtype"] == "bfloat16"
+    overrides = ["model.dtype=bfloat16", f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}",
+                 f"paths.data={tmp_path / 'data'}", f"paths.eval={tmp_path / 'eval'}", "tracking.enabled=false",
+                 "realign.backend=vllm", "realign.decoding.max_new_tokens=4", "realign.decoding.greedy=true",
+                 "eval.backend=vllm", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4"]
+    _bf16(tmp_path, embedded_model_dir)  # writes the data files
+    done = subprocess.run([sys.executable, "-c", ENGINE_DTYPES, json.dumps(overrides), str(tmp_path / "data"), str(tmp_path / "realign")],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"engines": ["torch.bfloat16", "torch.bfloat16"], "summary_dtype": "bfloat16"}
