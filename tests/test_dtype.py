@@ -30,13 +30,14 @@ def loaded_dtypes(monkeypatch):
     return seen
 
 
-def _bf16(tmp_path, model_dir, *overrides):
+def _bf16_overrides(tmp_path, model_dir) -> list[str]:
+    """Writes tiny data splits; the overrides of a bf16 project over them and the embedded model."""
     data = tmp_path / "data"
     write_jsonl(data / "eval.jsonl", (p.to_dict() for p in generate(2, 1, 2, 9, seed=7)))
     write_jsonl(data / "train.jsonl", (p.to_dict() for p in generate(2, 1, 2, 9, seed=8)))
-    return default_config("model.dtype=bfloat16", f"paths.model={model_dir}", f"paths.policy={model_dir}", f"paths.data={data}",
-                          f"paths.eval={tmp_path / 'eval'}", f"paths.general={tmp_path / 'general'}", f"paths.score={tmp_path / 'score'}",
-                          f"paths.train={tmp_path / 'train'}", "tracking.enabled=false", *overrides)
+    return ["model.dtype=bfloat16", f"paths.model={model_dir}", f"paths.policy={model_dir}", f"paths.data={data}",
+            f"paths.eval={tmp_path / 'eval'}", f"paths.general={tmp_path / 'general'}", f"paths.score={tmp_path / 'score'}",
+            f"paths.train={tmp_path / 'train'}", "tracking.enabled=false"]
 
 
 def test_hf_stages_decode_in_model_dtype_and_scoring_keeps_float32(tmp_path, embedded_model_dir, loaded_dtypes):
@@ -48,8 +49,8 @@ def test_hf_stages_decode_in_model_dtype_and_scoring_keeps_float32(tmp_path, emb
     arc.mkdir(parents=True)
     (arc / "test.jsonl").write_text(json.dumps({"id": "q1", "question": "What do plants need to grow?", "choices": ["light", "stone"],
                                                 "answer": 0}) + "\n")
-    p = _bf16(tmp_path, embedded_model_dir, "eval.backend=hf", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4",
-              "general.benchmarks=[arc_easy]", f"general.data_root={tmp_path / 'mc'}", "general.limit=1")
+    p = default_config(*_bf16_overrides(tmp_path, embedded_model_dir), "eval.backend=hf", "eval.benchmarks=[arithmetic]", "eval.limit=2",
+                       "eval.max_new_tokens=4", "general.benchmarks=[arc_easy]", f"general.data_root={tmp_path / 'mc'}", "general.limit=1")
     run_eval(p.eval, p.paths, p.tracking, p.model, p.data, "base")
     run_general(p.general, p.paths, p.tracking, p.model, "base")
     run_score(p.score, p.paths, p.tracking, tmp_path / "data" / "train.jsonl", tmp_path / "score" / "original")
@@ -90,11 +91,8 @@ def test_the_vllm_engine_runs_in_model_dtype(tmp_path, embedded_model_dir):
     pytest.importorskip("vllm")
     if not models.bf16_native():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX), which vLLM on CPU needs for a bf16 engine")
-    overrides = ["model.dtype=bfloat16", f"paths.model={embedded_model_dir}", f"paths.policy={embedded_model_dir}",
-                 f"paths.data={tmp_path / 'data'}", f"paths.eval={tmp_path / 'eval'}", "tracking.enabled=false",
-                 "realign.backend=vllm", "realign.decoding.max_new_tokens=4", "realign.decoding.greedy=true",
-                 "eval.backend=vllm", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4"]
-    _bf16(tmp_path, embedded_model_dir)  # writes the data files
+    overrides = [*_bf16_overrides(tmp_path, embedded_model_dir), "realign.backend=vllm", "realign.decoding.max_new_tokens=4",
+                 "realign.decoding.greedy=true", "eval.backend=vllm", "eval.benchmarks=[arithmetic]", "eval.limit=2", "eval.max_new_tokens=4"]
     done = subprocess.run([sys.executable, "-c", ENGINE_DTYPES, json.dumps(overrides), str(tmp_path / "data"), str(tmp_path / "realign")],
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
