@@ -65,6 +65,8 @@ CASES = {
     "zero save_steps": (lambda t: ["data", "--set", "train.common.save_steps=0"], {}, "save_steps, save_total_limit and logging_steps must be >= 1"),
     "zero max_steps": (lambda t: ["data", "--set", "train.common.max_steps=0"], {}, "train.common.max_steps must be -1"),
     "zero histogram bins": (lambda t: ["data", "--set", "score.histogram_bins=0"], {}, "score.histogram_bins must be >= 1"),
+    "no OOD shift": (lambda t: ["data", "--set", "eval.ood_extra_steps=0", "--set", "eval.ood_operand_scale=1"], {},
+                     "is no shift: arithmetic_ood would be in-distribution"),
     "zero eval limit": (lambda t: ["data", "--set", "eval.limit=0"], {}, "eval.limit must be >= 1 or null"),
     "negative n_eval": (lambda t: ["data", "--set", "data.n_eval=-1"], {}, "data.n_eval and data.n_val must be >= 0"),
     "gamma_min zero": (lambda t: ["data", "--set", "train.idft.gamma_min=0"], {}, "train.idft: IDFT needs beta > 0 and 0 < gamma_min"),

@@ -15,9 +15,9 @@ EXPECTED_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "min
 TRAIN = Generator(max_steps=4, max_operand=20)
 
 
-def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0, order="random"):
+def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0, order="random", extra_steps=2, scale=2):
     return BenchmarkSource(data_root=str(data_root), allow_hub=False, limit=limit, limit_order=order, seed=seed,
-                           held_out=Path(held_out), ood_extra_steps=2, ood_operand_scale=2, custom={})
+                           held_out=Path(held_out), ood_extra_steps=extra_steps, ood_operand_scale=scale, custom={})
 
 
 @pytest.mark.parametrize("name", sorted(n for n, b in BENCHMARKS.items() if b.kind == FILE))
@@ -52,6 +52,14 @@ def test_arithmetic_ood_is_harder_than_training_and_self_consistent(tmp_path):
     assert all(p.solution.count("\n") - 1 >= TRAIN.max_steps + 1 for p in problems), "more steps than training"
     numbers = [int(n) for p in problems for n in __import__("re").findall(r"\d+", p.question)]
     assert max(numbers) > TRAIN.max_operand, "larger numbers than training"
+
+
+def test_arithmetic_ood_without_extra_steps_shifts_the_numbers_alone(tmp_path):
+    problems, _ = load_benchmark("arithmetic_ood", _cfg(tmp_path, limit=40, extra_steps=0, scale=3), TRAIN)
+    assert all(grade(p.solution, p.answer).correct for p in problems)
+    assert {p.solution.count("\n") - 1 for p in problems} == {TRAIN.max_steps}, "the training's longest chains, no longer"
+    starts = [int(re.search(r"has (\d+)", p.question).group(1)) for p in problems]
+    assert max(starts) > 2 * TRAIN.max_operand and max(starts) <= 3 * TRAIN.max_operand
 
 
 def test_held_out_split_is_the_data_stage_eval_file(tmp_path):

@@ -597,7 +597,8 @@ class EvalConfig:
     seed: int
     """Sampling seed and the seed of the problem subsample."""
     ood_extra_steps: int
-    """arithmetic_ood: up to this many more operations than data.arithmetic.max_steps."""
+    """arithmetic_ood: between 1 and this many more operations than data.arithmetic.max_steps; 0: exactly
+    max_steps operations (a shift in the numbers alone, with ood_operand_scale > 1)."""
     ood_operand_scale: int
     """arithmetic_ood: numbers up to this many times data.arithmetic.max_operand."""
     vllm: VLLMOptions
@@ -629,8 +630,10 @@ class EvalConfig:
             raise ConfigError("eval needs 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("eval.limit must be >= 1 or null")
-        if self.ood_extra_steps < 1 or self.ood_operand_scale < 1:
-            raise ConfigError("eval.ood_extra_steps and ood_operand_scale must be >= 1")
+        if self.ood_extra_steps < 0 or self.ood_operand_scale < 1:
+            raise ConfigError("eval.ood_extra_steps must be >= 0 and eval.ood_operand_scale >= 1")
+        if self.ood_extra_steps == 0 and self.ood_operand_scale == 1:
+            raise ConfigError("eval.ood_extra_steps 0 with ood_operand_scale 1 is no shift: arithmetic_ood would be in-distribution")
         check_sharding("eval", self.work_unit, self.workers)
 
 
