@@ -60,6 +60,22 @@ def test_choose_best_breaks_ties_by_the_other_accuracy_then_the_lower_rate():
     assert tune_stage.choose_best(t, "strict_greedy_accuracy")["learning_rate"] == 1e-5
 
 
+@pytest.mark.unit
+def test_the_plot_takes_a_trial_that_never_scored(tmp_path):
+    """At 0 of n the Wilson lower bound can sit a rounding error above 0 (statsmodels: 6.9e-18 for 0/48);
+    matplotlib refuses a negative error bar, and the tune stage failed on it after all its trials."""
+    from onpolicy_core.algorithms.statistics import wilson
+
+    trials = []
+    for lr, correct in ((1e-4, 19), (1e-2, 0)):
+        e = wilson(correct, 48)
+        ci = {"value": e.value, "low": e.low, "high": e.high, "n": 48}
+        trials.append({"learning_rate": lr, "greedy_accuracy": e.value, "strict_greedy_accuracy": e.value,
+                       "greedy_accuracy_ci": ci})
+    tune_stage.plot_trials(trials, tmp_path / "validation.png", "sft", "greedy_accuracy")
+    assert (tmp_path / "validation.png").stat().st_size > 0
+
+
 GRID = [1e-5, 1e-3]
 
 
