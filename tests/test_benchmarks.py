@@ -12,7 +12,7 @@ from onpolicy_core.data.registry import BENCHMARKS, FILE
 from onpolicy_core.data.sources import SourceError
 
 EXPECTED_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "minerva": 272}
-TRAIN = Generator(max_steps=4, max_operand=20)
+TRAIN = Generator(min_steps=2, max_steps=4, max_operand=20)
 
 
 def _cfg(data_root, held_out=Path("unused.jsonl"), limit=None, seed=0, order="random", extra_steps=2, scale=2):
@@ -57,7 +57,7 @@ def test_arithmetic_ood_is_harder_than_training_and_self_consistent(tmp_path):
 def test_arithmetic_ood_without_extra_steps_shifts_the_numbers_alone(tmp_path):
     problems, _ = load_benchmark("arithmetic_ood", _cfg(tmp_path, limit=40, extra_steps=0, scale=3), TRAIN)
     assert all(grade(p.solution, p.answer).correct for p in problems)
-    assert {p.solution.count("\n") - 1 for p in problems} == {TRAIN.max_steps}, "the training's longest chains, no longer"
+    assert {p.solution.count("\n") - 1 for p in problems} == set(range(TRAIN.min_steps, TRAIN.max_steps + 1)), "the training's chains"
     starts = [int(re.search(r"has (\d+)", p.question).group(1)) for p in problems]
     assert max(starts) > 2 * TRAIN.max_operand and max(starts) <= 3 * TRAIN.max_operand
 

@@ -30,6 +30,7 @@ from onpolicy_core.data.sources import LoadResult, SourceError, load_source
 class Generator:
     """Settings of the built-in arithmetic generator (the data stage's, for the OOD benchmark)."""
 
+    min_steps: int
     max_steps: int
     max_operand: int
 
@@ -51,8 +52,8 @@ class BenchmarkSource:
     held_out: Path
     """The data stage's eval split (val.jsonl sits beside it)."""
     ood_extra_steps: int
-    """arithmetic_ood: up to this many more operations than the training generator; 0: exactly its
-    largest number of operations, so that only the numbers shift."""
+    """arithmetic_ood: up to this many more operations than the training generator; 0: its own numbers
+    of operations, so that only the numbers shift."""
     ood_operand_scale: int
     """arithmetic_ood: numbers up to this many times the training generator's."""
     custom: dict[str, BenchmarkFile]
@@ -90,9 +91,10 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         return subsample(problems, where.limit, where.seed, where.limit_order), None
     if bench.kind == GENERATED_OOD:
         # Harder than training (more steps, larger numbers), with a seed far from the training one:
-        # the OOD problems are new, not harder copies. No extra steps: the training's longest chains.
-        steps = train_generator.max_steps
-        return arithmetic.generate(where.limit or 100, steps + min(1, where.ood_extra_steps), steps + where.ood_extra_steps,
+        # the OOD problems are new, not harder copies. No extra steps: the training's own chain lengths.
+        g, extra = train_generator, where.ood_extra_steps
+        low, high = (g.max_steps + 1, g.max_steps + extra) if extra else (g.min_steps, g.max_steps)
+        return arithmetic.generate(where.limit or 100, low, high,
                                    train_generator.max_operand * where.ood_operand_scale, seed=where.seed + 1_000_003,
                                    prefix=name), None
     path = Path(where.data_root) / bench.file

@@ -172,7 +172,8 @@ def run_eval(cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig, mode
     config = {"eval": to_dict(cfg), "model": name, "model_folder": str(folder)}
     parent = training_run_id(paths, name)
     where = benchmark_source(cfg, paths)
-    generator_settings = Generator(max_steps=data_cfg.arithmetic.max_steps, max_operand=data_cfg.arithmetic.max_operand)
+    arith = data_cfg.arithmetic
+    generator_settings = Generator(min_steps=arith.min_steps, max_steps=arith.max_steps, max_operand=arith.max_operand)
     loaded = {b: load_benchmark(b, where, generator_settings) for b in cfg.benchmarks}
     fingerprint = {"config": output_settings(cfg), "problems": {b: [p.id for p in problems] for b, (problems, _) in loaded.items()}}
     # A work unit is (benchmark, first problem): eval.work_unit problems of one benchmark.

@@ -164,7 +164,7 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
               "eval": {"max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size}}
     where = BenchmarkSource(data_root=eval_cfg.data_root, allow_hub=False, limit=tune.val_limit, limit_order="random",
                             seed=tune.seed, held_out=Path(paths.data) / "eval.jsonl", ood_extra_steps=1, ood_operand_scale=1, custom={})
-    problems, _ = load_benchmark(VALIDATION, where, Generator(max_steps=1, max_operand=2))  # generator: OOD only, unused here
+    problems, _ = load_benchmark(VALIDATION, where, Generator(min_steps=1, max_steps=1, max_operand=2))  # generator: OOD only, unused here
     greedy = dataclasses.replace(eval_cfg, greedy=True, samples=0)
     work = partial_dir(out)
     fingerprint = {"config": config, "train_sha256": file_sha256(train_file), "val_sha256": file_sha256(val_file),
