@@ -597,8 +597,8 @@ class EvalConfig:
     seed: int
     """Sampling seed and the seed of the problem subsample."""
     ood_extra_steps: int
-    """arithmetic_ood: between 1 and this many more operations than data.arithmetic.max_steps; 0: exactly
-    max_steps operations (a shift in the numbers alone, with ood_operand_scale > 1)."""
+    """arithmetic_ood: between 1 and this many more operations than data.arithmetic.max_steps; 0: the
+    training's own min_steps..max_steps (a shift in the numbers alone, with ood_operand_scale > 1)."""
     ood_operand_scale: int
     """arithmetic_ood: numbers up to this many times data.arithmetic.max_operand."""
     vllm: VLLMOptions
