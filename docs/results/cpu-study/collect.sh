@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Copy what the pipeline wrote for the CPU study into docs/results/cpu-study/: the report, the plot, the
-# params used, the git commit, and the wall time of every stage (from the MLflow stage runs nested
-# under the last `pipeline` parent run of each `onpolicy repro`). Run from the study's project folder.
+# params used, the priming check, every tuning trial, the realignment summaries, the git commit, and the
+# wall time of every stage (from the MLflow stage runs nested under the `pipeline` parent run of each
+# `onpolicy repro`). Run from the study's project folder.
 set -euo pipefail
 dest=${1:?usage: collect.sh DEST}
 mkdir -p "$dest"
 cp artifacts/report/report.md artifacts/report/comparison.png artifacts/report/comparison.json params.yaml dvc.lock "$dest/"
+# The choices made on the way: priming, each method's learning-rate trials, the realignment verdicts.
+cp artifacts/prime/summary.json "$dest/prime.json"
+for method in artifacts/tune/*/; do
+  m=$(basename "$method")
+  [ -s "$method/trials.json" ] && [ "$(cat "$method/trials.json")" != "[]" ] || continue
+  cp "$method/trials.json" "$dest/tune-$m.json"; cp "$method/validation.png" "$dest/tune-$m.png"
+done
+for variant in artifacts/realign/*/; do cp "$variant/summary.json" "$dest/realign-$(basename "$variant").json"; done
 git rev-parse HEAD > "$dest/git-commit.txt"
 python - "$dest" <<'PY'
 import sys
