@@ -4,9 +4,10 @@
 # wall time of every stage (from the MLflow stage runs nested under the `pipeline` parent run of each
 # `onpolicy repro`). Run from the study's project folder.
 set -euo pipefail
-dest=${1:?usage: collect.sh DEST}
+dest=${1:?usage: collect.sh DEST [REPORT_DIR]}
+report=${2:-artifacts/report}   # another report folder: `onpolicy report -p <params with fewer train.runs>` of a study still running
 mkdir -p "$dest"
-cp artifacts/report/report.md artifacts/report/comparison.png artifacts/report/comparison.json params.yaml dvc.lock "$dest/"
+cp "$report/report.md" "$report/comparison.png" "$report/comparison.json" params.yaml dvc.lock "$dest/"
 # The choices made on the way: priming, each method's learning-rate trials, the realignment verdicts.
 cp artifacts/prime/summary.json "$dest/prime.json"
 for method in artifacts/tune/*/; do
@@ -28,7 +29,8 @@ runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attr
 rows, total = [], 0.0
 for r in runs:
     stage = r.data.tags.get("onpolicy.dvc_stage") or r.data.tags.get("onpolicy.stage")
-    if stage in (None, "pipeline") or r.info.end_time is None or r.info.status != "FINISHED":
+    # tune-trial runs nest inside their tune stage's run, whose time already holds them
+    if stage in (None, "pipeline", "tune-trial") or r.info.end_time is None or r.info.status != "FINISHED":
         continue
     seconds = (r.info.end_time - r.info.start_time) / 1000
     rows.append((stage, r.info.run_name, seconds))
