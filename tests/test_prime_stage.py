@@ -4,6 +4,7 @@ written for every later stage (the model's own files when priming is off)."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -50,6 +51,22 @@ def test_primer_set_is_disjoint_from_the_data_splits():
     train, held_out, dropped = primer_problems(prime, BASE.data, taken)
     assert dropped == 2 and not taken & {p.question for p in train + held_out}
     assert len(train) == 20 and len(held_out) == 5 and not {p.id for p in train} & {p.id for p in held_out}
+
+
+def test_the_built_in_primer_is_written_in_another_style_than_the_training_data():
+    """Primed on the training data's own worked sentences, the policy would write the training set
+    already (DDT avg-phi +0.008 in the second CPU study): the default primer is bare equations."""
+    assert BASE.model.prime.style == "terse"
+    train, _, _ = primer_problems(dataclasses.replace(BASE.model.prime, n=8, check_n=1), BASE.data, set())
+    worked, _, _ = primer_problems(dataclasses.replace(BASE.model.prime, n=8, check_n=1, style="worked"), BASE.data, set())
+    assert [p.question for p in train] == [p.question for p in worked] and [p.answer for p in train] == [p.answer for p in worked]
+    for terse, full in zip(train, worked):
+        equations = terse.solution.splitlines()[:-1]
+        assert equations and all(re.fullmatch(r"\d+ [-+*/] \d+ = \d+", line) for line in equations), terse.solution
+        assert [line.rsplit(": ", 1)[1].rstrip(".") for line in full.solution.splitlines()[1:-1]] == equations
+        item = terse.question.split("How many ")[1].split(" ")[0]
+        assert terse.solution.endswith(f"$\\boxed{{{terse.answer}}}$ {item}.")
+        assert "starts with" not in terse.solution and "The final answer" not in terse.solution
 
 
 def test_primes_the_embedded_model_and_compares_it_with_the_raw_one(tmp_path, embedded_model_dir):

@@ -2,13 +2,22 @@
 
 Deterministic for a given seed, so the pipeline's default data is reproducible anywhere without a
 download. The same generator with more steps or larger numbers gives an out-of-distribution set.
+
+Two solution styles over the same questions and numbers: 'worked' (the training data: a sentence per
+step) and 'terse' (bare equations, the primer's style). Priming in the terse style teaches the answer
+format without making the worked solutions the policy's own text, so the training data stays
+off-policy for the primed model as it is for the models of the paper.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 from onpolicy_core.data.records import Problem
+
+SolutionStyle = Literal["worked", "terse"]
+"""worked: 'After getting 3 more: 5 + 3 = 8.' per step; terse: '5 + 3 = 8' per step."""
 
 NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sara", "Tom", "Yuki", "Ines"]
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "shells", "cards", "pencils", "cookies", "stamps"]
@@ -50,7 +59,13 @@ def _step(rng: random.Random, name: str, item: str, total: int, max_operand: int
     )
 
 
-def make_problem(rng: random.Random, index: int, steps: int, max_operand: int, prefix: str = "arithmetic") -> Problem:
+def _terse(line: str) -> str:
+    """The bare equation of a worked line ('After losing 3: 9 - 3 = 6.' -> '9 - 3 = 6')."""
+    return line.rsplit(": ", 1)[1].rstrip(".")
+
+
+def make_problem(rng: random.Random, index: int, steps: int, max_operand: int, prefix: str = "arithmetic",
+                 style: SolutionStyle = "worked") -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(2, max_operand)
     sentences = [f"{name} has {total} {item}."]
@@ -60,7 +75,10 @@ def make_problem(rng: random.Random, index: int, steps: int, max_operand: int, p
         sentences.append(sentence)
         lines.append(line)
     sentences.append(f"How many {item} does {name} have now?")
-    lines.append(f"The final answer is $\\boxed{{{total}}}$.")
+    if style == "terse":
+        lines = [_terse(line) for line in lines[1:]] + [f"So {name} has $\\boxed{{{total}}}$ {item}."]
+    else:
+        lines.append(f"The final answer is $\\boxed{{{total}}}$.")
     return Problem(
         id=f"{prefix}-{index:05d}",
         question=" ".join(sentences),
@@ -70,7 +88,9 @@ def make_problem(rng: random.Random, index: int, steps: int, max_operand: int, p
     )
 
 
-def generate(n: int, min_steps: int, max_steps: int, max_operand: int, seed: int, prefix: str = "arithmetic") -> list[Problem]:
-    """`n` problems with between `min_steps` and `max_steps` operations each, fixed by `seed`."""
+def generate(n: int, min_steps: int, max_steps: int, max_operand: int, seed: int, prefix: str = "arithmetic",
+             style: SolutionStyle = "worked") -> list[Problem]:
+    """`n` problems with between `min_steps` and `max_steps` operations each, fixed by `seed`; the
+    style changes the solutions' wording only, never the questions or numbers."""
     rng = random.Random(seed)
-    return [make_problem(rng, i, rng.randint(min_steps, max_steps), max_operand, prefix) for i in range(n)]
+    return [make_problem(rng, i, rng.randint(min_steps, max_steps), max_operand, prefix, style) for i in range(n)]

@@ -38,6 +38,7 @@ from onpolicy_core.algorithms.options import (
     TokenMethod,
     VLLMOptions,
 )
+from onpolicy_core.data.arithmetic import SolutionStyle
 from onpolicy_core.data.registry import BENCHMARKS
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -60,6 +61,10 @@ class PrimeConfig:
     source: str
     """'arithmetic' (the built-in generator under `seed`, with data.arithmetic's steps and numbers) or a
     .jsonl/.parquet file in the record format; questions found in a data split are dropped."""
+    style: SolutionStyle
+    """Solutions of the built-in primer: 'terse' (bare equations, so the worked training solutions
+    stay text the primed model would not write, as the paper's data is for its models) or 'worked'
+    (the training data's own style: the training set becomes on-policy, nothing left to realign)."""
     n: int
     """Primer problems trained on."""
     seed: int
