@@ -28,6 +28,13 @@ def test_wilson_matches_the_score_interval_formula(k, n):
     assert e.high == pytest.approx(min(1.0, centre + half), abs=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 7, 48, 200, 500])
+def test_wilson_never_crosses_the_value(n):
+    """statsmodels puts the bound at 0/48 6.9e-18 above 0; error bars built from it went negative."""
+    assert wilson(0, n).low == 0.0 and wilson(n, n).high == 1.0
+    assert all(e.low <= e.value <= e.high for e in (wilson(k, n) for k in range(n + 1)))
+
+
 def _binomial_two_sided(b, c):
     m = min(b, c)
     return min(1.0, 2 * sum(math.comb(b + c, i) for i in range(m + 1)) / 2 ** (b + c))

@@ -51,7 +51,10 @@ def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
     if n == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     low, high = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
-    return Estimate(successes / n, float(low), float(high), n)
+    value = successes / n
+    # At 0/n and n/n statsmodels' bound lands a rounding error past the value (6.9e-18 above 0 at
+    # 0/48); the true bound is the value itself, and error bars below zero break plots downstream.
+    return Estimate(value, min(float(low), value), max(float(high), value), n)
 
 
 def _bootstrap_mean(values: np.ndarray, seed: int, confidence: float):

@@ -95,7 +95,7 @@ def load_benchmark(name: str, where: BenchmarkSource, train_generator: Generator
         g, extra = train_generator, where.ood_extra_steps
         low, high = (g.max_steps + 1, g.max_steps + extra) if extra else (g.min_steps, g.max_steps)
         return arithmetic.generate(where.limit or 100, low, high,
-                                   train_generator.max_operand * where.ood_operand_scale, seed=where.seed + 1_000_003,
+                                   g.max_operand * where.ood_operand_scale, seed=where.seed + 1_000_003,
                                    prefix=name), None
     path = Path(where.data_root) / bench.file
     if path.exists():

@@ -540,8 +540,8 @@ def plot_comparison(table: dict, metric: str, path: Path) -> None:
             v = 100 * e["value"] if e else 0.0
             if e and e["seeds"] > 1:
                 lo = hi = 100 * e["sd"]
-            elif e:  # clamped: an interval end can sit a rounding error beyond the value at 0% or 100%
-                lo, hi = max(0.0, v - 100 * e["low"]), max(0.0, 100 * e["high"] - v)
+            elif e:  # Wilson's ends never cross the value (statistics.wilson)
+                lo, hi = v - 100 * e["low"], 100 * e["high"] - v
             else:
                 lo = hi = 0.0
             values.append(v)

@@ -97,8 +97,7 @@ def plot_trials(trials: list[dict], path: Path, title: str, metric: str, fixed: 
         x = [t["learning_rate"] for t in rows]
         ci = [t[f"{metric}_ci"] for t in rows]
         y = [100 * c["value"] for c in ci]
-        # Clipped at 0: Wilson's bound at 0 or n successes can sit a rounding error past the value.
-        err = [[max(0.0, 100 * (c["value"] - c["low"])) for c in ci], [max(0.0, 100 * (c["high"] - c["value"])) for c in ci]]
+        err = [[100 * (c["value"] - c["low"]) for c in ci], [100 * (c["high"] - c["value"]) for c in ci]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=4)
         best = choose_best(trials, metric)
         ax.axvline(best["learning_rate"], color="grey", ls="--", lw=1, label=f"chosen {best['learning_rate']:g}")
