@@ -214,6 +214,10 @@ def test_learning_rates_are_a_number_or_tuned_for_every_method_of_the_runs(tmp_p
         load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=fast"])
     with pytest.raises(ConfigError, match=r"tune.learning_rates.sft: learning rate must be > 0"):
         load_params(ROOT / "params.yaml", ["tune.learning_rates.sft.rate=0"])
+    own = load_params(ROOT / "params.yaml", ["tune.learning_rates.dft.grid=[1e-4, 1e-3]"]).tune
+    assert own.grid_of("dft") == [1e-4, 1e-3] and own.grid_of("sft") == own.grid, "a method's own grid, else tune.grid"
+    with pytest.raises(ConfigError, match=r"tune.learning_rates.dft: a method's grid must be distinct learning rates > 0"):
+        load_params(ROOT / "params.yaml", ["tune.learning_rates.dft.grid=[1e-4, 1e-4]"])
     with pytest.raises(ConfigError, match=r"tune.learning_rates.idft.params must be 'train.idft'"):
         load_params(ROOT / "params.yaml", ["tune.learning_rates.idft.params=train.common"])
     with pytest.raises(ConfigError, match=r"set data.n_val > 0"):
@@ -241,5 +245,7 @@ def test_the_study_preset_tunes_every_method_it_trains_over_a_wide_grid(tmp_path
     p = apply_preset("study", params, ROOT / "presets")
     assert all(p.tune.tuned(m) for m in ("sft", "dft", "idft", "dpo", "simpo"))
     assert {run.split("-")[0] for run in p.train.runs} <= {m for m in p.tune.learning_rates if p.tune.tuned(m)}
-    assert max(p.tune.grid) >= 30 * load_params(ROOT / "params.yaml").tune.learning_rates["sft"].rate
+    sft = p.tune.grid_of("sft")
+    assert all(max(p.tune.grid_of(m)) >= 30 * sorted(sft)[1] for m in ("dft", "idft")), "DFT/IDFT reach 30x SFT's rates"
+    assert min(sft) <= 1e-6 and min(p.tune.grid_of("dpo")) <= 1e-6, "below the second study's best rates (1e-5)"
     assert p.data.n_val > 0 and not hasattr(p.train.common, "learning_rate"), "one definition of each rate"

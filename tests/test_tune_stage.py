@@ -42,10 +42,10 @@ def test_train_refuses_a_rate_chosen_under_other_settings(tmp_path):
     with pytest.raises(InputError, match="run `onpolicy tune --method sft`"):
         read_learning_rate(paths, "sft")
     tune_stage.run_tune(BASE.tune, BASE.train, BASE.eval, paths, OFF, "sft")
-    other = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate(5e-4, "train.common")})
+    other = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate(5e-4, "train.common", None)})
     with pytest.raises(InputError, match="chosen under other settings"):
         read_learning_rate(paths, "sft", other)
-    tuned = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate("tuned", "train.common")})
+    tuned = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate("tuned", "train.common", None)})
     with pytest.raises(InputError, match="chosen under other settings"):
         read_learning_rate(paths, "sft", tuned)
 
@@ -90,7 +90,7 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
     arithmetic_corpus(data / "val.jsonl", 6, 1, 2, 9, seed=11)
     write_jsonl(data / "eval.jsonl", [])
     paths = dataclasses.replace(BASE.paths, model=str(embedded_model_dir), policy=str(embedded_model_dir), data=str(data), tune=str(tmp_path / "tune"))
-    tune = _tune(learning_rates={"sft": MethodRate("tuned", "train.common")}, grid=GRID, max_steps=1, val_limit=4)
+    tune = _tune(learning_rates={"sft": MethodRate("tuned", "train.common", None)}, grid=GRID, max_steps=1, val_limit=4)
     train = dataclasses.replace(BASE.train, common=dataclasses.replace(BASE.train.common, batch_size=2, lr_scheduler="constant",
                                                                        log_model=False))
     eval_cfg = dataclasses.replace(BASE.eval, max_new_tokens=24, batch_size=4)

@@ -520,13 +520,18 @@ class MethodRate:
     """The learning rate of one method: fixed by hand, or chosen by the tune stage."""
 
     rate: float | Literal["tuned"]
-    """Peak AdamW learning rate, or 'tuned': the best point of `tune.grid` on the validation split."""
+    """Peak AdamW learning rate, or 'tuned': the best point of its grid on the validation split."""
     params: str
     """The method's params block (as in train.runs; DVC lists it for the tune stage; checked)."""
+    grid: list[float] | None
+    """This method's own grid when tuned (DFT/IDFT want higher rates than SFT, preference methods
+    lower); None: `tune.grid`."""
 
     def __post_init__(self) -> None:
         if self.rate != TUNED and self.rate <= 0:
             raise ValueError(f"learning rate must be > 0 or {TUNED!r}, got {self.rate!r}")
+        if self.grid is not None and (not self.grid or any(r <= 0 for r in self.grid) or len(set(self.grid)) != len(self.grid)):
+            raise ValueError(f"a method's grid must be distinct learning rates > 0, got {self.grid!r}")
 
 
 @dataclass
@@ -537,10 +542,10 @@ class TuneConfig:
     split (data.n_val problems, never trained on and disjoint from every evaluation benchmark)."""
 
     learning_rates: dict[Method, MethodRate]
-    """Per method: {rate: <number> | tuned, params: <its params block>}. Every method of train.runs
-    needs an entry; the train runs of a method read the rate from <paths.tune>/<method>/best.json."""
+    """Per method: {rate: <number> | tuned, params: <its params block>, grid: <its own> | null}. Every
+    method of train.runs needs an entry; its train runs read the rate from <paths.tune>/<method>/best.json."""
     grid: list[float]
-    """Learning rates a tuned method tries (absolute values; one trial each)."""
+    """Learning rates a tuned method without a grid of its own tries (absolute values; one trial each)."""
     max_steps: int
     """Optimizer steps per trial; -1: the run's own length (train.common.max_steps / epochs)."""
     val_limit: int | None
@@ -558,8 +563,8 @@ class TuneConfig:
                 raise ConfigError(f"tune.learning_rates.{method}.params must be {method_params(method)!r} "
                                   f"(the block method {method!r} reads), got {entry.params!r}")
         bad_grid = not self.grid or any(r <= 0 for r in self.grid) or len(set(self.grid)) != len(self.grid)
-        if bad_grid and any(e.rate == TUNED for e in self.learning_rates.values()):
-            raise ConfigError("tune.grid must be distinct learning rates > 0 when a method is 'tuned'")
+        if bad_grid and any(e.rate == TUNED and e.grid is None for e in self.learning_rates.values()):
+            raise ConfigError("tune.grid must be distinct learning rates > 0 when a method without its own grid is 'tuned'")
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError("tune.max_steps must be -1 (the run's own length) or >= 1")
         if self.val_limit is not None and self.val_limit < 1:
@@ -567,6 +572,11 @@ class TuneConfig:
 
     def tuned(self, method: str) -> bool:
         return self.learning_rates[method].rate == TUNED
+
+    def grid_of(self, method: str) -> list[float]:
+        """The rates `method` tries when tuned: its own grid, else `grid`."""
+        own = self.learning_rates[method].grid
+        return list(own) if own is not None else list(self.grid)
 
 
 @dataclass

@@ -5,7 +5,8 @@ comments and key order (ruamel round-trip), and refuses a result that does not l
 config. params.yaml stays the one place DVC reads settings from; `git diff params.yaml` shows what a
 preset changed. A preset lists `train.runs` by name; it replaces the runs of params.yaml, each spelled
 out with the params block, training file and learning-rate file DVC needs (`run_spec`). Likewise a
-preset gives `tune.learning_rates` as `<method>: <rate> | tuned`, spelled out with the method's params block.
+preset gives `tune.learning_rates` as `<method>: <rate> | tuned` (or a mapping with the method's own `grid`),
+spelled out with the method's params block.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) ->
             from ruamel.yaml.comments import CommentedMap
 
             for method, rate in value.items():
-                entry = rate if isinstance(rate, dict) else {"rate": rate, "params": method_params(method)}
+                entry = rate if isinstance(rate, dict) else {"rate": rate}
                 if method in target[key] and isinstance(target[key][method], dict):
-                    target[key][method].update(entry)  # keeps the entry's comment
+                    target[key][method].update(entry)  # keeps the entry's comment and what the preset leaves out
                 else:
-                    target[key][method] = CommentedMap(entry)
+                    target[key][method] = CommentedMap({"rate": None, "params": method_params(method), "grid": None} | entry)
                     target[key][method].fa.set_flow_style()
+                if isinstance(target[key][method].get("grid"), list):  # block style, as DVC's writer leaves it
+                    target[key][method].fa.set_block_style()
         elif isinstance(value, dict) and isinstance(target[key], dict):
             _merge(target[key], value, here, paths)
         else:

@@ -1,12 +1,12 @@
 """Stage `tune`: the learning rate of one training method, fixed by hand or chosen on the validation split.
 
 A fixed rate (`tune.learning_rates.<method>.rate: <number>`) is written to best.json at once, with no
-model. A tuned one (`rate: tuned`) runs an Optuna study with `GridSampler` over `tune.grid`: each trial
-trains the method as the train stage does (its `training_rows` / `make_trainer`, train.common and the
-method's own block, on the original training set, for `tune.max_steps`) from the tune start model, then
-scores it greedily on `tune.val_limit` problems of val.jsonl with eval's generation and grading. The
-validation split is carved from the training pool, never trained on and disjoint from every evaluation
-benchmark, so choosing the rate does not look at the numbers the report compares. DPO/SimPO sample their
+model. A tuned one (`rate: tuned`) runs an Optuna study with `GridSampler` over its grid (the method's
+own `grid`, else `tune.grid`): each trial trains the method as the train stage does (its `training_rows`
+/ `make_trainer`, train.common and the method's own block, on the original training set, for
+`tune.max_steps`) from the tune start model, then scores it greedily on `tune.val_limit` problems of
+val.jsonl with eval's generation and grading. The validation split is carved from the training pool,
+never trained on and disjoint from every evaluation benchmark, so choosing the rate does not look at the numbers the report compares. DPO/SimPO sample their
 preference pairs once per stage, from the start model, and every trial trains on the same pairs.
 
 The best trial has the highest `tune.metric`; ties go to the higher other accuracy (strict for lenient
@@ -127,7 +127,8 @@ def _write_outputs(out: Path, best: dict, trials: list[dict], metric: str) -> No
 
 def _settings(tune: TuneConfig, method: str) -> dict:
     """What the stage reads of `tune` for `method` (its DVC params)."""
-    return {"rate": tune.learning_rates[method].rate, **{k: v for k, v in to_dict(tune).items() if k != "learning_rates"}}
+    shared = {k: v for k, v in to_dict(tune).items() if k != "learning_rates"}
+    return {"rate": tune.learning_rates[method].rate, **shared, "grid": tune.grid_of(method)}
 
 
 def run_tune(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig,
@@ -153,7 +154,7 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
 
     from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
 
-    model_dir = start_model(paths)
+    model_dir, grid = start_model(paths), tune.grid_of(method)
     train_file, val_file = training_file(paths, "original"), Path(paths.data) / "val.jsonl"
     if tune.max_steps != -1:  # else the run's own length (train.common.max_steps or epochs)
         train = dataclasses.replace(train, common=dataclasses.replace(train.common, max_steps=tune.max_steps))
@@ -181,7 +182,7 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.RDBStorage(f"sqlite:///{(work / 'study.db').resolve()}")
         study = optuna.create_study(study_name=f"tune-{method}", storage=storage,
-                                    sampler=optuna.samplers.GridSampler({"learning_rate": tune.grid}, seed=tune.seed),
+                                    sampler=optuna.samplers.GridSampler({"learning_rate": grid}, seed=tune.seed),
                                     direction="maximize", load_if_exists=True)
         # We hold the lock, so a trial still RUNNING was left by a killed process: it failed, and its
         # grid point (which GridSampler now counts as visited) is queued again below.
@@ -190,12 +191,12 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
         trials = study.get_trials(deepcopy=False)
         finished = {t.params["learning_rate"] for t in trials if t.state == TrialState.COMPLETE}
         waiting = {t.system_attrs.get("fixed_params", {}).get("learning_rate") for t in trials if t.state == TrialState.WAITING}
-        todo = [lr for lr in tune.grid if lr not in finished]
+        todo = [lr for lr in grid if lr not in finished]
         if trials:  # a resumed study: every unfinished point is queued by hand (GridSampler counts failed ones as done)
             for lr in todo:
                 if lr not in waiting:
                     study.enqueue_trial({"learning_rate": lr})
-        log.info("tune %s: %d of %d grid points to run%s", method, len(todo), len(tune.grid),
+        log.info("tune %s: %d of %d grid points to run%s", method, len(todo), len(grid),
                  f" ({len(finished)} finished before)" if finished else "")
         with stage_run("tune", config, tracking, run_name=f"tune-{method}", inputs=[model_dir, train_file, val_file]) as handle:
             handle.set_tags({"onpolicy.method": method})
@@ -209,13 +210,13 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
             complete = {}
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 complete[t.params["learning_rate"]] = {"number": t.number, **t.user_attrs}
-            missing = [lr for lr in tune.grid if lr not in complete]
+            missing = [lr for lr in grid if lr not in complete]
             if missing:
                 raise RuntimeError(f"tune {method}: the study ended without trials at {missing}")
-            records = [complete[lr] for lr in sorted(tune.grid)]
+            records = [complete[lr] for lr in sorted(grid)]
             chosen = choose_best(records, tune.metric)
             best = {"method": method, "learning_rate": chosen["learning_rate"], "source": "tuned", "metric": tune.metric,
-                    "objective": chosen[f"{tune.metric}_ci"], "trial": chosen["number"], "trials": len(records), "grid": tune.grid,
+                    "objective": chosen[f"{tune.metric}_ci"], "trial": chosen["number"], "trials": len(records), "grid": grid,
                     "max_steps": train.common.max_steps, "val_problems": len(problems),
                     "tie_break": f"higher {OTHER_ACCURACY[tune.metric]}, then the lower rate"}
             _write_outputs(out, best, records, tune.metric)
@@ -255,7 +256,7 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
         write_json(rows_file, {"rows": rows, "summary": pair_summary})
 
     def objective(trial) -> float:
-        lr = trial.suggest_categorical("learning_rate", tune.grid)
+        lr = trial.suggest_categorical("learning_rate", tune.grid_of(method))
         if tracking.enabled:  # the trial's run (track_in_mlflow): named and tagged now, so a failed trial's run is found too
             import mlflow
 
