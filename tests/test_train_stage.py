@@ -93,6 +93,20 @@ def test_every_method_lowers_its_training_loss(method, tiny_project, tmp_path):
     assert not (tmp_path / "train" / ".checkpoints" / f"{method}-original").exists(), "checkpoints cleaned after success"
     if method in ("dpo", "simpo"):
         assert summary["pairs"] == sum(summary["pair_outcomes"].get(k, 0) for k in ("pair_correct_sample", "pair_reference_chosen"))
+        assert summary["sampler"] == "hf"
+
+
+def test_preference_pairs_sampled_on_vllm_train_the_embedded_model(tiny_project, tmp_path, embedded_model_dir):
+    """train.preference.backend vllm: the candidates come from an engine over the policy folder, which
+    is closed before the trainer starts on the same weights."""
+    pytest.importorskip("vllm")
+    paths = dataclasses.replace(_paths(tiny_project, tmp_path), model=str(embedded_model_dir), policy=str(embedded_model_dir))
+    cfg = _cfg(max_steps=1, batch_size=2)
+    cfg = dataclasses.replace(cfg, preference=dataclasses.replace(cfg.preference, backend="vllm", max_new_tokens=16))
+    summary = _train(cfg, paths, OFF, "dpo-original", learning_rate=1e-5)
+    assert summary["sampler"] == "vllm" and summary["steps"] == 1
+    assert summary["pairs"] >= 1 and sum(summary["pair_outcomes"].values()) == N, summary["pair_outcomes"]
+    assert (tmp_path / "train" / "dpo-original" / "model" / "model.safetensors").is_file()
 
 
 def test_idft_logs_diagnostics_to_mlflow(tiny_project, tmp_path):

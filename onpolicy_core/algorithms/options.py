@@ -183,6 +183,11 @@ end of the solution column), 'math' (answer column, else the last \\boxed{} of t
 'fields' (solution and answer columns as they are)."""
 
 
+SolutionStyle = Literal["worked", "terse"]
+"""Solutions of the built-in arithmetic generator: 'worked' ('After getting 3 more: 5 + 3 = 8.' per
+step, the training data) or 'terse' ('5 + 3 = 8' per step, the primer)."""
+
+
 @dataclass(frozen=True)
 class FieldMap:
     """Column names of a tabular source, mapped onto the record format."""

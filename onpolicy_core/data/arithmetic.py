@@ -12,12 +12,9 @@ off-policy for the primed model as it is for the models of the paper.
 from __future__ import annotations
 
 import random
-from typing import Literal
 
+from onpolicy_core.algorithms.options import SolutionStyle
 from onpolicy_core.data.records import Problem
-
-SolutionStyle = Literal["worked", "terse"]
-"""worked: 'After getting 3 more: 5 + 3 = 8.' per step; terse: '5 + 3 = 8' per step."""
 
 NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sara", "Tom", "Yuki", "Ines"]
 ITEMS = ["apples", "marbles", "stickers", "coins", "books", "shells", "cards", "pencils", "cookies", "stamps"]

@@ -35,10 +35,10 @@ from onpolicy_core.algorithms.options import (
     PreferenceMethod,
     ScoreLayout,
     ScorePrecisionSetting,
+    SolutionStyle,
     TokenMethod,
     VLLMOptions,
 )
-from onpolicy_core.data.arithmetic import SolutionStyle
 from onpolicy_core.data.registry import BENCHMARKS
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -342,6 +342,11 @@ class PreferenceConfig:
     """SimPO target reward margin."""
     cpo_alpha: float
     """NLL term of TRL's CPO trainer; 0 makes it pure SimPO."""
+    backend: Backend
+    """Sampler of the candidates: 'hf' (transformers, in the training process) or 'vllm' (an engine
+    in worker processes, closed before training starts)."""
+    vllm: VLLMOptions
+    """vLLM engine settings for backend 'vllm'."""
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2:

@@ -35,7 +35,7 @@ from onpolicy_core.data.io import (
     write_json,
 )
 from onpolicy_core.data.records import Problem
-from onpolicy_core.decoding.generation import HFGenerator, SamplingSpec
+from onpolicy_core.decoding.generation import HFGenerator, SamplingSpec, VLLMGenerator
 from onpolicy_core.plumbing.config import (
     TUNED,
     PathsConfig,
@@ -128,16 +128,27 @@ def _sft_trainer(method: str, cfg: TrainConfig, learning_rate: float, model, tok
     )
 
 
-def _preference_rows(model, tokenizer, problems: list[Problem], cfg: TrainConfig, summary: dict) -> list[dict]:
-    """Chosen/rejected pairs from graded samples of `model` (the model before training)."""
+def _preference_rows(model, tokenizer, model_dir: Path, problems: list[Problem], cfg: TrainConfig, summary: dict) -> list[dict]:
+    """Chosen/rejected pairs from graded samples of `model` (the model before training, saved in
+    `model_dir`: what a vLLM sampler loads)."""
     from tqdm import tqdm
 
     pc = cfg.preference
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     spec = SamplingSpec(pc.samples_per_prompt, pc.temperature, pc.top_p, pc.max_new_tokens, cfg.common.seed)
-    with tqdm(total=len(prompts), desc="sampling preference candidates", unit="prompt") as bar:
-        completions = HFGenerator(model, tokenizer, batch_size=8 * pc.samples_per_prompt).generate(prompt_ids, spec, progress=bar)
+    if pc.backend == "vllm":  # the weights training starts from, in the dtype it trains in
+        sampler = VLLMGenerator(str(model_dir), tokenizer, pc.vllm, dtype=TRAINING_DTYPE, seed=cfg.common.seed)
+    else:
+        sampler = HFGenerator(model, tokenizer, batch_size=8 * pc.samples_per_prompt)
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(prompts), desc=f"sampling preference candidates ({sampler.name})", unit="prompt") as bar:
+            completions = sampler.generate(prompt_ids, spec, progress=bar)
+    finally:
+        sampler.close()
+    summary["sampler"] = sampler.name
+    log.info("sampled %d preference candidates with %s in %.0f s", sum(map(len, completions)), sampler.name, time.perf_counter() - start)
     samples = [[c.text for c in row] for row in completions]
     correct = [[grade(t, p.answer).correct for t in texts] for texts, p in zip(samples, problems)]
     pairs, counts = build_pairs(samples, correct, [p.solution for p in problems], pc.no_correct)
@@ -183,12 +194,14 @@ TRAINERS = {
 """The trainer of each method: (method, cfg, learning_rate, model, tokenizer, rows, out, tracking) -> trainer."""
 
 
-def training_rows(method: str, cfg: TrainConfig, model, tokenizer, problems: list[Problem], summary: dict) -> list[dict]:
+def training_rows(method: str, cfg: TrainConfig, model, tokenizer, model_dir: Path, problems: list[Problem],
+                  summary: dict) -> list[dict]:
     """The method's training rows: prompt/completion for the token-weighted methods; for DPO/SimPO,
-    pairs sampled from `model` before it trains (the tune stage samples them once for all trials)."""
+    pairs sampled from `model` (loaded from `model_dir`) before it trains (the tune stage samples
+    them once for all trials)."""
     if TRAINERS[method] is _sft_trainer:
         return _sft_rows(tokenizer, problems, summary)
-    return _preference_rows(model, tokenizer, problems, cfg, summary)
+    return _preference_rows(model, tokenizer, model_dir, problems, cfg, summary)
 
 
 def make_trainer(method: str, cfg: TrainConfig, learning_rate: float, model, tokenizer, rows: list[dict], out: Path,
@@ -299,7 +312,7 @@ def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, ru
         model, tokenizer = load_materialised(paths.policy, dtype=TRAINING_DTYPE)
         summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed, "learning_rate": learning_rate,
                          "learning_rate_source": source}
-        rows = training_rows(method, cfg, model, tokenizer, problems, summary)
+        rows = training_rows(method, cfg, model, tokenizer, Path(paths.policy), problems, summary)
         trainer = make_trainer(method, cfg, learning_rate, model, tokenizer, rows, checkpoints, tracking)
         ranks = PartialState()  # as the trainer's arguments configured it
         fingerprint = {"config": config, "data_sha256": file_sha256(data_file), "base_model": model_identity(paths.policy)}

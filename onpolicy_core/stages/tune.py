@@ -251,7 +251,7 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
     else:  # once per study: every trial trains on the same rows (pairs sampled from the start model)
         pair_summary: dict = {}
         base, tokenizer = load_materialised(model_dir, dtype=TRAINING_DTYPE)
-        rows = training_rows(method, train, base, tokenizer, read_problems(train_file), pair_summary)
+        rows = training_rows(method, train, base, tokenizer, model_dir, read_problems(train_file), pair_summary)
         del base, tokenizer
         write_json(rows_file, {"rows": rows, "summary": pair_summary})
 
