@@ -73,7 +73,8 @@ def bootstrap_mean(values: Sequence[float], seed: int = 0, confidence: float = C
     if np.all(values == values[0]):  # no spread: every resample has the same mean
         return Estimate(mean, mean, mean, int(values.size))
     ci = _bootstrap_mean(values, seed, confidence).confidence_interval
-    return Estimate(mean, float(ci.low), float(ci.high), int(values.size))
+    # As wilson: the ends on the value's side, so error bars built from them are never negative.
+    return Estimate(mean, min(float(ci.low), mean), max(float(ci.high), mean), int(values.size))
 
 
 def mcnemar_exact(a: Sequence[bool], b: Sequence[bool], confidence: float = CONFIDENCE) -> Comparison:
