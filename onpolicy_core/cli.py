@@ -121,7 +121,7 @@ def prime(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
     p = _load(params, set_)
     with _user_errors():
-        run_prime(p.model, p.data, p.paths, p.tracking)
+        run_prime(p.model, p.data, p.paths, p.tracking, p.realign.analysis.marker)
 
 
 @app.command()

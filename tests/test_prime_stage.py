@@ -69,12 +69,31 @@ def test_the_built_in_primer_is_written_in_another_style_than_the_training_data(
         assert "starts with" not in terse.solution and "The final answer" not in terse.solution
 
 
+def test_a_hinted_share_of_the_primer_is_shown_with_its_worked_reference(tokenizer):
+    """The hinted rows are the prompt Hinted Decoding's hinted stream gets (question, reference in the
+    training data's worked style, CoT marker); their target is still the primer's own terse solution."""
+    from onpolicy_core.algorithms.prompts import render_hinted_prompt, render_prompt
+    from onpolicy_core.stages.prime import primer_rows
+
+    prime = dataclasses.replace(BASE.model.prime, n=8, check_n=1, hinted_share=0.25)
+    train, _, _ = primer_problems(prime, BASE.data, set())
+    worked, _, _ = primer_problems(dataclasses.replace(prime, style="worked"), BASE.data, set())
+    rows = primer_rows(tokenizer, train, prime, BASE.data, "# CoT")
+    assert [r["completion"] for r in rows] == [p.solution + tokenizer.eos_token for p in train]
+    assert [r["prompt"] for r in rows[:2]] == [render_hinted_prompt(tokenizer, p.question, w.solution, "# CoT\n")
+                                               for p, w in zip(train[:2], worked[:2])]
+    assert [r["prompt"] for r in rows[2:]] == [render_prompt(tokenizer, p.question) for p in train[2:]]
+    assert "starts with" in rows[0]["prompt"] and "starts with" not in rows[0]["completion"]
+    none = primer_rows(tokenizer, train, dataclasses.replace(prime, hinted_share=0.0), BASE.data, "# CoT")
+    assert [r["prompt"] for r in none] == [render_prompt(tokenizer, p.question) for p in train]
+
+
 def test_primes_the_embedded_model_and_compares_it_with_the_raw_one(tmp_path, embedded_model_dir):
     model, data, paths, tracking = _setup(tmp_path, embedded_model_dir, n=8, batch_size=4, check_n=4, check_max_new_tokens=24,
                                           learning_rate=3e-4)
     overlap = primer_problems(model.prime, data, set())[0][0].question
     _write_splits(tmp_path, data, extra_question=overlap)
-    summary = run_prime(model, data, paths, tracking)
+    summary = run_prime(model, data, paths, tracking, BASE.realign.analysis.marker)
     assert summary["enabled"] and summary["steps"] == 2 and summary["overlap_dropped"] == 1
     for which in ("raw", "primed"):
         assert summary[which]["strict_accuracy"]["n"] == 4 and 0 <= summary[which]["truncated_rate"] <= 1
@@ -86,7 +105,7 @@ def test_primes_the_embedded_model_and_compares_it_with_the_raw_one(tmp_path, em
 
 def test_priming_off_writes_the_models_own_files(tmp_path, embedded_model_dir):
     model, data, paths, tracking = _setup(tmp_path, embedded_model_dir, enabled="off")
-    summary = run_prime(model, data, paths, tracking)
+    summary = run_prime(model, data, paths, tracking, BASE.realign.analysis.marker)
     assert not summary["enabled"] and "primed" not in summary
     assert weights_sha256(paths.policy) == weights_sha256(embedded_model_dir)
 
@@ -96,4 +115,4 @@ def test_priming_needs_the_data_splits(tmp_path, embedded_model_dir):
 
     model, data, paths, tracking = _setup(tmp_path, embedded_model_dir)
     with pytest.raises(InputError, match="disjoint"):
-        run_prime(model, data, paths, tracking)
+        run_prime(model, data, paths, tracking, BASE.realign.analysis.marker)

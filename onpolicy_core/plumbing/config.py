@@ -67,6 +67,11 @@ class PrimeConfig:
     (the training data's own style: the training set becomes on-policy, nothing left to realign)."""
     n: int
     """Primer problems trained on."""
+    hinted_share: float
+    """Share of them shown as Hinted Decoding's hinted stream sees a problem (question + reference
+    solution, the reference in the training data's worked style for the built-in task) and trained
+    to write it in the primer's style. A 135M policy does not use a reference in its prompt by itself
+    (the paper's instruct models do): unprimed, it miscopies the reference's numbers. 0: none."""
     seed: int
     """Generator seed of the primer problems (keep it apart from data.seed) and the training seed."""
     learning_rate: float
@@ -89,6 +94,8 @@ class PrimeConfig:
             raise ConfigError("model.prime needs n, batch_size, max_length, check_n and check_max_new_tokens >= 1")
         if self.learning_rate <= 0 or self.epochs <= 0:
             raise ConfigError("model.prime needs learning_rate > 0 and epochs > 0")
+        if not 0 <= self.hinted_share <= 1:
+            raise ConfigError(f"model.prime.hinted_share must be in [0, 1], got {self.hinted_share}")
 
 
 @dataclass

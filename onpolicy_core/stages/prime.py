@@ -9,6 +9,9 @@ built-in arithmetic task: the generator under its own seed, every question found
 removed). The built-in primer's solutions are terse equations by default, not the worked sentences of
 the training set: primed on the training set's own style, the policy would already write the training
 data (the second CPU study measured DDT avg-phi +0.008 on it), leaving On-Policy SFT nothing to do.
+Half of the primer (`hinted_share`) is shown in Hinted Decoding's hinted prompt, with the worked
+reference: unprimed, the 135M policy miscopies a reference's numbers (37.5% of the study's hinted
+rewrites verified), primed so 86.5%, in its own terse style either way.
 
 Writes `<paths.policy>/` (a plain Hugging Face folder: the primed model, or the materialised model's
 files when priming is off) and `<paths.prime>/summary.json` + `metrics.json`: the primer set's size
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 from onpolicy_core.algorithms.grading import grade, grade_boxed
-from onpolicy_core.algorithms.prompts import render_prompt
+from onpolicy_core.algorithms.prompts import render_hinted_prompt, render_prompt
 from onpolicy_core.algorithms.statistics import wilson
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.data.io import InputError, atomic_dir, read_problems, write_json
@@ -70,9 +73,8 @@ def primer_problems(prime: PrimeConfig, data: DataConfig, taken: set[str]) -> tu
     of a file."""
     wanted = prime.n + prime.check_n
     if prime.source == "arithmetic":
-        a = data.arithmetic
         # Draw more than needed so that the overlap removed still leaves `wanted` problems.
-        pool = generate(2 * wanted + 64, a.min_steps, a.max_steps, a.max_operand, prime.seed, prefix="primer", style=prime.style)
+        pool = _generated(prime, data, prime.style)
     else:
         pool = read_problems(prime.source)
     fresh = [p for p in pool if p.question not in taken]
@@ -81,6 +83,29 @@ def primer_problems(prime: PrimeConfig, data: DataConfig, taken: set[str]) -> tu
         raise InputError(f"model.prime: only {len(fresh)} primer problems are disjoint from the data splits "
                          f"({dropped} overlap); model.prime.n + check_n needs {wanted}")
     return fresh[: prime.n], fresh[prime.n : wanted], dropped
+
+
+def _generated(prime: PrimeConfig, data: DataConfig, style: str) -> list[Problem]:
+    a = data.arithmetic
+    return generate(2 * (prime.n + prime.check_n) + 64, a.min_steps, a.max_steps, a.max_operand, prime.seed, prefix="primer",
+                    style=style)
+
+
+def primer_rows(tokenizer, problems: list[Problem], prime: PrimeConfig, data: DataConfig, cot_marker: str) -> list[dict]:
+    """Prompt/completion rows: the first `hinted_share` of the problems in the hinted prompt of Hinted
+    Decoding, up to its CoT marker (the reference: the worked solution for the built-in task, else
+    the record's own), the rest in the plain prompt; every completion is the primer solution and EOS."""
+    eos = tokenizer.eos_token or ""
+    hinted = round(prime.hinted_share * len(problems))
+    references = {p.id: p.solution for p in _generated(prime, data, "worked")} if prime.source == "arithmetic" and hinted else {}
+    rows = []
+    for i, p in enumerate(problems):
+        if i < hinted:
+            prompt = render_hinted_prompt(tokenizer, p.question, references.get(p.id, p.solution), f"{cot_marker}\n")
+        else:
+            prompt = render_prompt(tokenizer, p.question)
+        rows.append({"prompt": prompt, "completion": p.solution + eos})
+    return rows
 
 
 def primer_training(prime: PrimeConfig) -> TrainCommon:
@@ -113,12 +138,10 @@ def check_policy(model, tokenizer, problems: list[Problem], max_new_tokens: int)
             "mean_tokens": sum(len(c.token_ids) for c in completions) / n}
 
 
-def _train(model, tokenizer, problems: list[Problem], prime: PrimeConfig, work: Path, tracking: TrackingConfig):
+def _train(model, tokenizer, rows: list[dict], prime: PrimeConfig, work: Path, tracking: TrackingConfig):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    eos = tokenizer.eos_token or ""
-    rows = [{"prompt": render_prompt(tokenizer, p.question), "completion": p.solution + eos} for p in problems]
     args = SFTConfig(**common_training_args(primer_training(prime), prime.learning_rate, work, tracking), max_length=prime.max_length,
                      completion_only_loss=True, loss_type="nll", packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
@@ -126,12 +149,14 @@ def _train(model, tokenizer, problems: list[Problem], prime: PrimeConfig, work: 
     return trainer.model, result.training_loss, trainer.state.global_step
 
 
-def run_prime(model_cfg: ModelConfig, data_cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig) -> dict:
-    """Write the starting policy to paths.policy (primed, or the model's files) and the check."""
+def run_prime(model_cfg: ModelConfig, data_cfg: DataConfig, paths: PathsConfig, tracking: TrackingConfig,
+              cot_marker: str) -> dict:
+    """Write the starting policy to paths.policy (primed, or the model's files) and the check;
+    `cot_marker` is realign.analysis.marker, where the hinted primer prompts end as realign's do."""
     prime, out, report = model_cfg.prime, Path(paths.policy), Path(paths.prime)
     enabled = priming_on(model_cfg)
     config = {"model": {"prime": to_dict(prime), "source": model_cfg.source}, "enabled": enabled,
-              "data": {"arithmetic": to_dict(data_cfg.arithmetic)}}
+              "data": {"arithmetic": to_dict(data_cfg.arithmetic)}, "realign": {"analysis": {"marker": cot_marker}}}
     splits = [Path(paths.data) / name for name in SPLITS]
     with stage_run("prime", config, tracking, inputs=[paths.model, *splits]) as run:
         start = time.perf_counter()
@@ -149,10 +174,12 @@ def run_prime(model_cfg: ModelConfig, data_cfg: DataConfig, paths: PathsConfig, 
             model, tokenizer = load_materialised(paths.model, dtype=TRAINING_DTYPE)
             summary["raw"] = check_policy(model, tokenizer, held_out, prime.check_max_new_tokens)
             model.train()
-            model, loss, steps = _train(model, tokenizer, train, prime, report.parent / ".prime.work", tracking)
+            rows = primer_rows(tokenizer, train, prime, data_cfg, cot_marker)
+            model, loss, steps = _train(model, tokenizer, rows, prime, report.parent / ".prime.work", tracking)
             model.eval()
             summary["primed"] = check_policy(model, tokenizer, held_out, prime.check_max_new_tokens)
-            summary.update(primer_examples=len(train), check_examples=len(held_out), overlap_dropped=dropped,
+            summary.update(primer_examples=len(train), hinted_examples=round(prime.hinted_share * len(train)),
+                           check_examples=len(held_out), overlap_dropped=dropped,
                            train_loss=loss, steps=steps)
             with atomic_dir(out) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
