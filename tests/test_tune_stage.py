@@ -123,6 +123,9 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
     assert best == json.loads((out / "best.json").read_text())
     assert (best["learning_rate"], best["source"], best["trials"], best["grid"]) == (expected["learning_rate"], "tuned", 2, GRID)
     assert best["objective"] == expected["greedy_accuracy_ci"]
+    start = best["start_policy"]  # the start model on the same problems, scored once per study folder
+    assert start["n"] == 4 and start["low"] <= start["value"] <= start["high"]
+    assert json.loads((tmp_path / ".tune.partial" / "sft" / "start.json").read_text())["greedy_accuracy_ci"] == start
     assert read_learning_rate(paths, "sft", tune) == (expected["learning_rate"], "tuned")
     assert not list((tmp_path / ".tune.partial" / "sft").glob("trial-*")), "trial models deleted"
 
@@ -155,12 +158,13 @@ def test_the_report_lists_each_methods_learning_rate(tmp_path):
     paths = dataclasses.replace(BASE.paths, tune=str(tmp_path / "tune"))
     tune_stage.run_tune(BASE.tune, BASE.train, BASE.eval, paths, OFF, "sft")
     tuned = {"method": "idft", "learning_rate": 1e-3, "source": "tuned", "metric": "greedy_accuracy", "trials": 2, "grid": [1e-4, 1e-3],
-             "objective": {"value": 0.5, "low": 0.3, "high": 0.7, "n": 20}}
+             "objective": {"value": 0.5, "low": 0.3, "high": 0.7, "n": 20},
+             "start_policy": {"value": 0.25, "low": 0.1, "high": 0.45, "n": 20}}
     write_json(tmp_path / "tune" / "idft" / "best.json", tuned)
     rates = learning_rates(paths, ["sft-original", "idft-original", "idft-hinted", "dft-original"])
     assert list(rates) == ["sft", "idft", "dft"] and rates["dft"] is None and rates["idft"] == tuned
     text = "\n".join(learning_rate_section(rates))
     assert text.startswith("## Learning rates")
-    assert f"| sft | {BASE.tune.learning_rates['sft'].rate:g} | fixed | – | – | 0 |" in text
-    assert "| idft | 0.001 | tuned | 0.0001, 0.001 | 50.0 [30.0, 70.0] (n = 20, greedy_accuracy) | 2 |" in text
+    assert f"| sft | {BASE.tune.learning_rates['sft'].rate:g} | fixed | – | – | – | 0 |" in text
+    assert "| idft | 0.001 | tuned | 0.0001, 0.001 | 50.0 [30.0, 70.0] (n = 20, greedy_accuracy) | 25.0 [10.0, 45.0] | 2 |" in text
     assert "| dft | – | no best.json" in text

@@ -571,20 +571,27 @@ def learning_rates(paths: PathsConfig, runs: list[str]) -> dict[str, dict | None
 
 
 def learning_rate_section(rates: dict[str, dict | None]) -> list[str]:
-    """The 'Learning rates' section: per method the rate, fixed by hand or tuned, the grid tried, and
-    the validation accuracy of the best trial with its 95% Wilson interval."""
+    """The 'Learning rates' section: per method the rate, fixed by hand or tuned, the grid tried, the
+    validation accuracy of the best trial and of the start policy, with 95% Wilson intervals."""
     lines = ["## Learning rates", "",
              ("Each method's peak learning rate, as the tune stage chose it: fixed by hand in params.yaml, or tuned "
-              "over the grid on the validation split (never on the benchmarks above)."), "",
-             "| method | learning rate | source | grid | best trial: validation accuracy [95% CI] | trials |", "|---|---|---|---|---|---|"]
+              "over the grid on the validation split (never on the benchmarks above). The start policy is the model "
+              "every trial trained from, scored on the same validation problems."), "",
+             "| method | learning rate | source | grid | best trial: validation accuracy [95% CI] | start policy | trials |",
+             "|---|---|---|---|---|---|---|"]
+
+    def score(o: dict | None, label: str = "") -> str:
+        return f"{_pct(o['value'])} [{_pct(o['low'])}, {_pct(o['high'])}]{label}" if o else "–"
+
     for method, best in rates.items():
         if best is None:
-            lines.append(f"| {method} | – | no best.json (run `onpolicy tune --method {method}`) | – | – | – |")
+            lines.append(f"| {method} | – | no best.json (run `onpolicy tune --method {method}`) | – | – | – | – |")
             continue
         grid = ", ".join(f"{r:g}" for r in best["grid"]) if best.get("grid") else "–"
         o = best.get("objective")
-        score = (f"{_pct(o['value'])} [{_pct(o['low'])}, {_pct(o['high'])}] (n = {o['n']}, {best['metric']})" if o else "–")
-        lines.append(f"| {method} | {best['learning_rate']:g} | {best['source']} | {grid} | {score} | {best['trials']} |")
+        trial = score(o, f" (n = {o['n']}, {best['metric']})" if o else "")
+        lines.append(f"| {method} | {best['learning_rate']:g} | {best['source']} | {grid} | {trial} | "
+                     f"{score(best.get('start_policy'))} | {best['trials']} |")
     return [*lines, ""]
 
 

@@ -14,7 +14,9 @@ The best trial has the highest `tune.metric`; ties go to the higher other accura
 and back), then to the lower rate. The study is an SQLite file in a work folder fingerprinted by the
 settings and inputs (`claim_work_dir`), so a killed tune continues with the grid points not yet finished
 (re-queued with `enqueue_trial`), but only into work made under the same settings; each trial's model and
-checkpoints are deleted once it is scored. Every trial is an MLflow run nested under the stage's run
+checkpoints are deleted once it is scored. The start model itself is scored on the same problems
+(`start_policy` in best.json, a band in the plot), so a reader sees whether any rate improved on it
+within the tuning budget. Every trial is an MLflow run nested under the stage's run
 (`optuna_integration.MLflowCallback`, with the trainer's per-step logs), and the stage run carries the
 plot, best.json and trials.json.
 """
@@ -84,9 +86,10 @@ def fixed_choice(method: str, rate: float) -> dict:
             "trials": 0, "grid": None}
 
 
-def plot_trials(trials: list[dict], path: Path, title: str, metric: str, fixed: float | None = None) -> None:
-    """Validation accuracy against learning rate (log x) with 95% Wilson error bars; a fixed rate gets
-    a panel that says so."""
+def plot_trials(trials: list[dict], path: Path, title: str, metric: str, fixed: float | None = None,
+                start: dict | None = None) -> None:
+    """Validation accuracy against learning rate (log x) with 95% Wilson error bars, and the start
+    model's accuracy as a band; a fixed rate gets a panel that says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,6 +104,9 @@ def plot_trials(trials: list[dict], path: Path, title: str, metric: str, fixed: 
         err = [[100 * (c["value"] - c["low"]) for c in ci], [100 * (c["high"] - c["value"]) for c in ci]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=4)
         best = choose_best(trials, metric)
+        if start is not None:
+            ax.axhspan(100 * start["low"], 100 * start["high"], color="tab:orange", alpha=0.15, lw=0)
+            ax.axhline(100 * start["value"], color="tab:orange", ls=":", label=f"start policy {100 * start['value']:.1f}%")
         ax.axvline(best["learning_rate"], color="grey", ls="--", lw=1, label=f"chosen {best['learning_rate']:g}")
         ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation {metric.replace('_', ' ')} (%)",
                ylim=(-2, 102))
@@ -121,9 +127,10 @@ def _write_outputs(out: Path, best: dict, trials: list[dict], metric: str) -> No
     metrics = {"learning_rate": best["learning_rate"], "trials": len(trials)}
     if best["objective"]:
         metrics[f"val_{metric}"] = best["objective"]["value"]
+        metrics[f"val_start_{metric}"] = best["start_policy"]["value"]
     write_json(out / "metrics.json", metrics)
     title = f"{best['method']}: {'validation accuracy by learning rate' if trials else 'fixed learning rate'}"
-    plot_trials(trials, out / "validation.png", title, metric, fixed=best["learning_rate"])
+    plot_trials(trials, out / "validation.png", title, metric, fixed=best["learning_rate"], start=best.get("start_policy"))
 
 
 def _settings(tune: TuneConfig, method: str) -> dict:
@@ -216,13 +223,15 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
                 raise RuntimeError(f"tune {method}: the study ended without trials at {missing}")
             records = [complete[lr] for lr in sorted(grid)]
             chosen = choose_best(records, tune.metric)
+            start = _start_policy(model_dir, problems, greedy, work)
             best = {"method": method, "learning_rate": chosen["learning_rate"], "source": "tuned", "metric": tune.metric,
-                    "objective": chosen[f"{tune.metric}_ci"], "trial": chosen["number"], "trials": len(records), "grid": grid,
+                    "objective": chosen[f"{tune.metric}_ci"], "start_policy": start[f"{tune.metric}_ci"],
+                    "trial": chosen["number"], "trials": len(records), "grid": grid,
                     "max_steps": train.common.max_steps, "val_problems": len(problems),
                     "tie_break": f"higher {OTHER_ACCURACY[tune.metric]}, then the lower rate"}
             _write_outputs(out, best, records, tune.metric)
             handle.log_metrics({"learning_rate": best["learning_rate"], f"val_{tune.metric}": best["objective"]["value"],
-                                "trials_run": len(todo)})
+                                f"val_start_{tune.metric}": best["start_policy"]["value"], "trials_run": len(todo)})
             for name in ("best.json", "trials.json", "validation.png"):
                 handle.log_artifact(out / name)
             write_run_record(out, {"mlflow_run_id": handle.run_id, "trials_run": len(todo),
@@ -231,9 +240,45 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         lock.release()
-    log.info("tune %s: chose %g (%s %.3f on %d validation problems) -> %s", method, best["learning_rate"], tune.metric,
-             best["objective"]["value"], len(problems), out / "best.json")
+    log.info("tune %s: chose %g (%s %.3f on %d validation problems; the start policy %.3f) -> %s", method,
+             best["learning_rate"], tune.metric, best["objective"]["value"], len(problems), best["start_policy"]["value"],
+             out / "best.json")
     return best
+
+
+def _validation_scores(model, tokenizer, problems, greedy: EvalConfig) -> dict:
+    """Greedy accuracy (and strict, with 95% Wilson intervals) of `model` on the validation problems,
+    generated and graded as the eval stage does."""
+    from onpolicy_core.decoding.generation import HFGenerator
+    from onpolicy_core.stages.eval import benchmark_metrics, evaluate_benchmark
+
+    responses = evaluate_benchmark(HFGenerator(model, tokenizer, batch_size=greedy.batch_size), tokenizer, VALIDATION,
+                                   problems, greedy)
+    m = benchmark_metrics(responses, 0)
+    n = len(responses)
+    return {
+        "val_problems": n,
+        "greedy_accuracy": m["greedy_accuracy"], "greedy_accuracy_ci": _interval(sum(r["correct"] for r in responses), n),
+        "strict_greedy_accuracy": m["strict_greedy_accuracy"],
+        "strict_greedy_accuracy_ci": _interval(sum(r["strict_correct"] for r in responses), n),
+        "truncated_rate": m["truncated_rate"], "no_answer_rate": m["no_answer_rate"],
+        "mean_response_tokens": m["mean_response_tokens"],
+    }
+
+
+def _start_policy(model_dir: Path, problems, greedy: EvalConfig, work: Path) -> dict:
+    """The start model's validation scores, computed once per study folder (start.json)."""
+    cached = work / "start.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from onpolicy_core.plumbing.models import TRAINING_DTYPE, load_materialised
+
+    model, tokenizer = load_materialised(model_dir, dtype=TRAINING_DTYPE)
+    scores = _validation_scores(model.eval(), tokenizer, problems, greedy)
+    del model
+    gc.collect()
+    write_json(cached, scores)
+    return scores
 
 
 def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tune: TuneConfig, model_dir: Path,
@@ -241,9 +286,7 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
     """The Optuna objective: train at the trial's rate, score greedily on the validation problems."""
     # Imported here: torch, TRL and the generators load only when a method is tuned, so a fixed
     # rate's stage takes a second.
-    from onpolicy_core.decoding.generation import HFGenerator
     from onpolicy_core.plumbing.models import TRAINING_DTYPE, load_materialised
-    from onpolicy_core.stages.eval import benchmark_metrics, evaluate_benchmark
     from onpolicy_core.stages.train import make_trainer, trained_model, training_rows
     rows_file = work / "rows.json"
     if rows_file.is_file():  # the rows (DPO/SimPO: the pairs) of an earlier, killed run of this study
@@ -270,17 +313,10 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
         result = trainer.train()
         trained = trained_model(trainer, train.common).eval()
         trained_s = time.perf_counter() - start
-        responses = evaluate_benchmark(HFGenerator(trained, tokenizer, batch_size=greedy.batch_size), tokenizer, VALIDATION,
-                                       problems, greedy)
-        m = benchmark_metrics(responses, 0)
-        n = len(responses)
+        scores = _validation_scores(trained, tokenizer, problems, greedy)
+        n = scores["val_problems"]
         record = {
-            "learning_rate": lr, "val_problems": n,
-            "greedy_accuracy": m["greedy_accuracy"], "greedy_accuracy_ci": _interval(sum(r["correct"] for r in responses), n),
-            "strict_greedy_accuracy": m["strict_greedy_accuracy"],
-            "strict_greedy_accuracy_ci": _interval(sum(r["strict_correct"] for r in responses), n),
-            "truncated_rate": m["truncated_rate"], "no_answer_rate": m["no_answer_rate"],
-            "mean_response_tokens": m["mean_response_tokens"], "train_loss": result.training_loss,
+            "learning_rate": lr, **scores, "train_loss": result.training_loss,
             "steps": trainer.state.global_step, "train_seconds": round(trained_s, 1),
             "seconds": round(time.perf_counter() - start, 1), **({"pairs": pair_summary["pairs"]} if "pairs" in pair_summary else {}),
         }
