@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from onpolicy_core.algorithms.grading import grade, grade_boxed
+from onpolicy_core.algorithms.options import SolutionStyle
 from onpolicy_core.algorithms.prompts import render_hinted_prompt, render_prompt
 from onpolicy_core.algorithms.statistics import wilson
 from onpolicy_core.data.arithmetic import generate
@@ -85,10 +86,15 @@ def primer_problems(prime: PrimeConfig, data: DataConfig, taken: set[str]) -> tu
     return fresh[: prime.n], fresh[prime.n : wanted], dropped
 
 
-def _generated(prime: PrimeConfig, data: DataConfig, style: str) -> list[Problem]:
+def _generated(prime: PrimeConfig, data: DataConfig, style: SolutionStyle) -> list[Problem]:
     a = data.arithmetic
     return generate(2 * (prime.n + prime.check_n) + 64, a.min_steps, a.max_steps, a.max_operand, prime.seed, prefix="primer",
                     style=style)
+
+
+def hinted_examples(prime: PrimeConfig, n: int) -> int:
+    """How many of `n` primer problems are shown with their reference: the first `hinted_share`."""
+    return round(prime.hinted_share * n)
 
 
 def primer_rows(tokenizer, problems: list[Problem], prime: PrimeConfig, data: DataConfig, cot_marker: str) -> list[dict]:
@@ -96,7 +102,7 @@ def primer_rows(tokenizer, problems: list[Problem], prime: PrimeConfig, data: Da
     Decoding, up to its CoT marker (the reference: the worked solution for the built-in task, else
     the record's own), the rest in the plain prompt; every completion is the primer solution and EOS."""
     eos = tokenizer.eos_token or ""
-    hinted = round(prime.hinted_share * len(problems))
+    hinted = hinted_examples(prime, len(problems))
     references = {p.id: p.solution for p in _generated(prime, data, "worked")} if prime.source == "arithmetic" and hinted else {}
     rows = []
     for i, p in enumerate(problems):
@@ -178,7 +184,7 @@ def run_prime(model_cfg: ModelConfig, data_cfg: DataConfig, paths: PathsConfig, 
             model, loss, steps = _train(model, tokenizer, rows, prime, report.parent / ".prime.work", tracking)
             model.eval()
             summary["primed"] = check_policy(model, tokenizer, held_out, prime.check_max_new_tokens)
-            summary.update(primer_examples=len(train), hinted_examples=round(prime.hinted_share * len(train)),
+            summary.update(primer_examples=len(train), hinted_examples=hinted_examples(prime, len(train)),
                            check_examples=len(held_out), overlap_dropped=dropped,
                            train_loss=loss, steps=steps)
             with atomic_dir(out) as tmp:
