@@ -185,12 +185,14 @@ def realign(
 
 @app.command()
 def tune(
-    method: Annotated[str, typer.Option(help="A method of tune.learning_rates: sft, dft, eaft, eaft_full, idft, dpo, simpo.")] = "sft",
+    method: Annotated[str, typer.Option(help="A key of tune.learning_rates: a method (sft, dft, eaft, eaft_full, idft, dpo, simpo) "
+                                              "or <method>-<data> (idft-hinted).")] = "sft",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Choose one method's learning rate: a fixed number is written as it is; 'tuned' runs an Optuna
-    grid (tune.grid) in which each trial trains the method and is scored on the validation split.
+    grid (the entry's grid, else tune.grid) in which each trial trains the method on the entry's
+    training set and is scored on the validation split.
 
     Writes <paths.tune>/<method>/best.json (the rate the train runs read), trials.json, metrics.json
     and validation.png; a killed study resumes with its unfinished grid points. Settings under `tune:`.
@@ -269,7 +271,8 @@ def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
 
     p = _load(params, set_)
     with _user_errors():
-        run_report(p.report, p.paths, p.tracking, p.eval, list(p.train.runs), general=p.general)
+        run_report(p.report, p.paths, p.tracking, p.eval, list(p.train.runs), general=p.general,
+                   rate_files={run: spec.rate_file for run, spec in p.train.runs.items()})
 
 
 @app.command()

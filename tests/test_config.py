@@ -249,3 +249,37 @@ def test_the_study_preset_tunes_every_method_it_trains_over_a_wide_grid(tmp_path
     assert all(max(p.tune.grid_of(m)) >= 30 * sorted(sft)[1] for m in ("dft", "idft")), "DFT/IDFT reach 30x SFT's rates"
     assert min(sft) <= 1e-6 and min(p.tune.grid_of("dpo")) <= 1e-6, "below the second study's best rates (1e-5)"
     assert p.data.n_val > 0 and not hasattr(p.train.common, "learning_rate"), "one definition of each rate"
+    hinted = [r for r in p.train.runs if r.startswith("idft-hinted")]
+    assert hinted and p.tune.tuned("idft-hinted"), "Hinted Decoding data tunes its own rate"
+    assert p.tune.learning_rates["idft-hinted"].data == "artifacts/realign/hinted/train.jsonl"
+    assert {p.train.runs[r].rate_file for r in hinted} == {"artifacts/tune/idft-hinted/best.json"}
+    assert p.train.runs["idft-original"].rate_file == "artifacts/tune/idft/best.json"
+
+
+def test_a_rate_entry_per_method_and_training_set(tmp_path):
+    """'idft' is the rate of every IDFT run; 'idft-hinted' (if present) that of the runs on Hinted
+    Decoding data, tuned on that data; entries and runs spell their files out, checked one line each."""
+    from onpolicy_core.plumbing.config import parse_tune_key
+
+    assert parse_tune_key("idft") == ("idft", "original") and parse_tune_key("idft-hinted") == ("idft", "hinted")
+    for bad in ("idft-hinted-s1", "adam", "idft-web"):
+        with pytest.raises(ConfigError, match=f"{bad}"):
+            parse_tune_key(bad)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["runs"]["idft-hinted"] = {"params": "train.idft", "data": "artifacts/realign/hinted/train.jsonl",
+                                           "rate_file": "artifacts/tune/idft/best.json"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert load_params(tmp_path / "params.yaml").tune.key_of("idft-hinted") == "idft", "no entry of its own: the method's"
+    raw["tune"]["learning_rates"]["idft-hinted"] = {"rate": 3e-4, "params": "train.idft", "grid": None,
+                                                    "data": "artifacts/realign/hinted/train.jsonl"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train.runs.idft-hinted.rate_file must be 'artifacts/tune/idft-hinted/best.json'"):
+        load_params(tmp_path / "params.yaml")
+    raw["train"]["runs"]["idft-hinted"]["rate_file"] = "artifacts/tune/idft-hinted/best.json"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = load_params(tmp_path / "params.yaml")
+    assert p.tune.key_of("idft-hinted") == "idft-hinted" and p.tune.key_of("idft-original") == "idft"
+    raw["tune"]["learning_rates"]["idft-hinted"]["data"] = "artifacts/data/train.jsonl"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"tune.learning_rates.idft-hinted.data must be 'artifacts/realign/hinted/train.jsonl'"):
+        load_params(tmp_path / "params.yaml")

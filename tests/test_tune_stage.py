@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from onpolicy_core.data.io import InputError, write_jsonl
+from onpolicy_core.data.io import InputError, write_json, write_jsonl
 from onpolicy_core.plumbing.config import MethodRate
 from onpolicy_core.stages import tune as tune_stage
 from onpolicy_core.stages.train import read_learning_rate
 from tests.conftest import KilledOnCall, default_config
 
 BASE = default_config()
+ORIGINAL = BASE.tune.learning_rates["sft"].data
 OFF = dataclasses.replace(BASE.tracking, enabled=False)
 
 
@@ -37,15 +38,32 @@ def test_a_fixed_rate_is_written_at_once_without_a_model(tmp_path):
 
 
 @pytest.mark.unit
+def test_an_entry_per_training_set_tunes_on_that_set(tmp_path):
+    """idft-hinted's trials train on Hinted Decoding's rewrites: without them, one line naming the file
+    and the stage that makes it; a fixed rate lands in its own folder, which its runs read."""
+    paths = dataclasses.replace(BASE.paths, data=str(tmp_path / "data"), realign=str(tmp_path / "realign"), tune=str(tmp_path / "tune"))
+    entry = MethodRate("tuned", "train.idft", "unused", [1e-4])
+    tune = _tune(learning_rates={**BASE.tune.learning_rates, "idft-hinted": entry})
+    with pytest.raises(InputError, match=r"realign/hinted/train.jsonl: no training set for tune.learning_rates.idft-hinted; "
+                                         r"run `dvc repro realign@hinted`"):
+        tune_stage.run_tune(tune, BASE.train, BASE.eval, paths, OFF, "idft-hinted")
+    fixed = _tune(learning_rates={**BASE.tune.learning_rates, "idft-hinted": dataclasses.replace(entry, rate=3e-4)})
+    assert tune_stage.run_tune(fixed, BASE.train, BASE.eval, paths, OFF, "idft-hinted")["learning_rate"] == 3e-4
+    assert read_learning_rate(paths, fixed.key_of("idft-hinted-s2"), fixed) == (3e-4, "fixed")
+    write_json(tmp_path / "tune" / "idft-hinted" / "best.json", {"source": "tuned", "grid": [1e-4], "learning_rate": 1e-4})
+    assert read_learning_rate(paths, "idft-hinted", tune) == (1e-4, "tuned"), "checked against the entry's own grid"
+
+
+@pytest.mark.unit
 def test_train_refuses_a_rate_chosen_under_other_settings(tmp_path):
     paths = dataclasses.replace(BASE.paths, tune=str(tmp_path / "tune"))
     with pytest.raises(InputError, match="run `onpolicy tune --method sft`"):
         read_learning_rate(paths, "sft")
     tune_stage.run_tune(BASE.tune, BASE.train, BASE.eval, paths, OFF, "sft")
-    other = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate(5e-4, "train.common", None)})
+    other = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate(5e-4, "train.common", ORIGINAL, None)})
     with pytest.raises(InputError, match="chosen under other settings"):
         read_learning_rate(paths, "sft", other)
-    tuned = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate("tuned", "train.common", None)})
+    tuned = _tune(learning_rates={**BASE.tune.learning_rates, "sft": MethodRate("tuned", "train.common", ORIGINAL, None)})
     with pytest.raises(InputError, match="chosen under other settings"):
         read_learning_rate(paths, "sft", tuned)
 
@@ -90,7 +108,7 @@ def test_tuning_on_the_embedded_model_resumes_and_logs_every_trial(embedded_mode
     arithmetic_corpus(data / "val.jsonl", 6, 1, 2, 9, seed=11)
     write_jsonl(data / "eval.jsonl", [])
     paths = dataclasses.replace(BASE.paths, model=str(embedded_model_dir), policy=str(embedded_model_dir), data=str(data), tune=str(tmp_path / "tune"))
-    tune = _tune(learning_rates={"sft": MethodRate("tuned", "train.common", None)}, grid=GRID, max_steps=1, val_limit=4)
+    tune = _tune(learning_rates={"sft": MethodRate("tuned", "train.common", ORIGINAL, None)}, grid=GRID, max_steps=1, val_limit=4)
     train = dataclasses.replace(BASE.train, common=dataclasses.replace(BASE.train.common, batch_size=2, lr_scheduler="constant",
                                                                        log_model=False))
     eval_cfg = dataclasses.replace(BASE.eval, max_new_tokens=24, batch_size=4)

@@ -419,6 +419,19 @@ def run_seed(name: str, default: int) -> int:
     return default if seed is None else seed
 
 
+def parse_tune_key(key: str) -> tuple[str, str]:
+    """A tune.learning_rates key: 'idft' -> ('idft', 'original'), the method's rate for every training
+    set without an entry of its own; 'idft-hinted' -> ('idft', 'hinted'), tuned on that set."""
+    if "-" not in key:
+        if key not in get_args(Method):
+            raise ConfigError(f"tune.learning_rates.{key}: not a method {get_args(Method)} or <method>-<data>")
+        return key, "original"
+    method, data, seed = _split_run(key)
+    if seed is not None:
+        raise ConfigError(f"tune.learning_rates.{key}: a rate is per method or <method>-<data>, not per seed")
+    return method, data
+
+
 def run_group(name: str) -> str:
     """'<method>-<data>' of a run, without its seed suffix: the runs the report aggregates over seeds."""
     method, data = parse_run(name)
@@ -435,7 +448,8 @@ class TrainRun:
     data: str
     """The training file: <paths.data>/train.jsonl for 'original', else <paths.realign>/<data>/train.jsonl."""
     rate_file: str
-    """Where the run's learning rate comes from: the tune stage's <paths.tune>/<method>/best.json."""
+    """Where the run's learning rate comes from: the tune stage's <paths.tune>/<key>/best.json, the key
+    being `<method>-<data>` when tune.learning_rates has that entry, else `<method>`."""
 
 
 @dataclass
@@ -535,6 +549,9 @@ class MethodRate:
     """Peak AdamW learning rate, or 'tuned': the best point of its grid on the validation split."""
     params: str
     """The method's params block (as in train.runs; DVC lists it for the tune stage; checked)."""
+    data: str
+    """The training file its trials train on, as train.runs' `data` (DVC lists it; checked): the
+    original set for a `<method>` entry, the named set for `<method>-<data>`."""
     grid: list[float] | None
     """This method's own grid when tuned (DFT/IDFT want higher rates than SFT, preference methods
     lower); None: `tune.grid`."""
@@ -550,12 +567,14 @@ class MethodRate:
 class TuneConfig:
     """Per-method learning rates (stage `tune`, one DVC stage per method): a number fixed by hand, or
     'tuned': an Optuna grid search in which each trial trains the method as the train stage does (on
-    the original training set, for `max_steps`) and is scored by greedy accuracy on the validation
+    the entry's training set, for `max_steps`) and is scored by greedy accuracy on the validation
     split (data.n_val problems, never trained on and disjoint from every evaluation benchmark)."""
 
-    learning_rates: dict[Method, MethodRate]
-    """Per method: {rate: <number> | tuned, params: <its params block>, grid: <its own> | null}. Every
-    method of train.runs needs an entry; its train runs read the rate from <paths.tune>/<method>/best.json."""
+    learning_rates: dict[str, MethodRate]
+    """Per method, or per `<method>-<data>` (e.g. idft-hinted: Hinted Decoding data tuned on itself):
+    {rate: <number> | tuned, params: <its params block>, data: <its training file>, grid: <its own> |
+    null}. A run reads the rate of its `<method>-<data>` entry if there is one, else of its method's
+    (`tune_key`), from <paths.tune>/<key>/best.json; every run needs one of the two."""
     grid: list[float]
     """Learning rates a tuned method without a grid of its own tries (absolute values; one trial each)."""
     max_steps: int
@@ -570,9 +589,10 @@ class TuneConfig:
     train.common.seed, as the train stage does."""
 
     def __post_init__(self) -> None:
-        for method, entry in self.learning_rates.items():
+        for key, entry in self.learning_rates.items():
+            method = parse_tune_key(key)[0]
             if entry.params != method_params(method):
-                raise ConfigError(f"tune.learning_rates.{method}.params must be {method_params(method)!r} "
+                raise ConfigError(f"tune.learning_rates.{key}.params must be {method_params(method)!r} "
                                   f"(the block method {method!r} reads), got {entry.params!r}")
         bad_grid = not self.grid or any(r <= 0 for r in self.grid) or len(set(self.grid)) != len(self.grid)
         if bad_grid and any(e.rate == TUNED and e.grid is None for e in self.learning_rates.values()):
@@ -582,8 +602,13 @@ class TuneConfig:
         if self.val_limit is not None and self.val_limit < 1:
             raise ConfigError("tune.val_limit must be >= 1 or null")
 
-    def tuned(self, method: str) -> bool:
-        return self.learning_rates[method].rate == TUNED
+    def tuned(self, key: str) -> bool:
+        return self.learning_rates[key].rate == TUNED
+
+    def key_of(self, run: str) -> str:
+        """The learning_rates entry run `run` reads: its `<method>-<data>` one if present, else its method's."""
+        group = run_group(run)
+        return group if group in self.learning_rates else parse_run(run)[0]
 
     def grid_of(self, method: str) -> list[float]:
         """The rates `method` tries when tuned: its own grid, else `grid`."""
@@ -748,14 +773,14 @@ def training_file(paths: PathsConfig, data: str) -> str:
     return training_file_under(paths.data, paths.realign, data)
 
 
-def rate_file(paths: PathsConfig, method: str) -> str:
-    """The tune stage's choice of `method`'s learning rate, which its train runs read."""
-    return rate_file_under(paths.tune, method)
+def rate_file(paths: PathsConfig, key: str) -> str:
+    """The tune stage's choice for a tune.learning_rates key, which the runs of that key read."""
+    return rate_file_under(paths.tune, key)
 
 
-def rate_file_under(tune_dir: str, method: str) -> str:
+def rate_file_under(tune_dir: str, key: str) -> str:
     """`rate_file` from the folder (for params.yaml as raw data, before it is typed)."""
-    return f"{tune_dir}/{method}/best.json"
+    return f"{tune_dir}/{key}/best.json"
 
 
 def training_file_under(data_dir: str, realign_dir: str, data: str) -> str:
@@ -827,9 +852,8 @@ class Params:
 
     def __post_init__(self) -> None:
         for run in self.train.runs:
-            method = parse_run(run)[0]
-            if method not in self.tune.learning_rates:
-                raise ConfigError(f"tune.learning_rates.{method}: missing (train.runs has {run}); give a rate or {TUNED!r}")
+            if self.tune.key_of(run) not in self.tune.learning_rates:
+                raise ConfigError(f"tune.learning_rates.{parse_run(run)[0]}: missing (train.runs has {run}); give a rate or {TUNED!r}")
         tuned = sorted(m for m in self.tune.learning_rates if self.tune.tuned(m))
         if tuned and self.data.n_val == 0:
             raise ConfigError(f"tune.learning_rates {tuned} are 'tuned' on the validation split: set data.n_val > 0")
@@ -839,15 +863,22 @@ class Params:
             raise ConfigError("report.metric 'greedy' needs eval.greedy = true")
 
     def check_run_files(self) -> None:
-        """Each run's `data` is its training file under `paths` (DVC reads it from params.yaml)."""
+        """Each run's `data` and each learning_rates entry's `data` is its training file under `paths`,
+        and each run's `rate_file` is its tune entry's choice (DVC reads them from params.yaml)."""
         for run, spec in self.train.runs.items():
-            method, data = parse_run(run)
+            _, data = parse_run(run)
             expected = training_file(self.paths, data)
             if spec.data != expected:
                 raise ConfigError(f"train.runs.{run}.data must be {expected!r} (its training file under paths), got {spec.data!r}")
-            if spec.rate_file != rate_file(self.paths, method):
-                raise ConfigError(f"train.runs.{run}.rate_file must be {rate_file(self.paths, method)!r} (the tune stage's "
-                                  f"choice for {method!r}), got {spec.rate_file!r}")
+            key = self.tune.key_of(run)
+            if spec.rate_file != rate_file(self.paths, key):
+                raise ConfigError(f"train.runs.{run}.rate_file must be {rate_file(self.paths, key)!r} (the tune stage's "
+                                  f"choice for {key!r}), got {spec.rate_file!r}")
+        for key, entry in self.tune.learning_rates.items():
+            expected = training_file(self.paths, parse_tune_key(key)[1])
+            if entry.data != expected:
+                raise ConfigError(f"tune.learning_rates.{key}.data must be {expected!r} (its training file under paths), "
+                                  f"got {entry.data!r}")
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

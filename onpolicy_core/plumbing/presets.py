@@ -5,8 +5,8 @@ comments and key order (ruamel round-trip), and refuses a result that does not l
 config. params.yaml stays the one place DVC reads settings from; `git diff params.yaml` shows what a
 preset changed. A preset lists `train.runs` by name; it replaces the runs of params.yaml, each spelled
 out with the params block, training file and learning-rate file DVC needs (`run_spec`). Likewise a
-preset gives `tune.learning_rates` as `<method>: <rate> | tuned` (or a mapping with the method's own `grid`),
-spelled out with the method's params block.
+preset gives `tune.learning_rates` as `<key>: <rate> | tuned` (or a mapping with the entry's own `grid`),
+key a method or `<method>-<data>`, spelled out with its params block and training file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from onpolicy_core.plumbing.config import (
     from_mapping,
     method_params,
     parse_run,
+    parse_tune_key,
     rate_file_under,
+    run_group,
     training_file_under,
 )
 
@@ -32,14 +34,22 @@ def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in presets_dir.glob("*.yaml"))
 
 
-def run_spec(run: str, paths: dict) -> dict:
-    """The params.yaml entry of a run: its method's params block, its training file and its learning-rate file."""
+def run_spec(run: str, paths: dict, tune_keys) -> dict:
+    """The params.yaml entry of a run: its method's params block, its training file and the learning-rate
+    file of its tune entry (`<method>-<data>` if `tune_keys` has it, else `<method>`)."""
     method, data = parse_run(run)
+    key = run_group(run) if run_group(run) in tune_keys else method
     return {"params": method_params(method), "data": training_file_under(paths["data"], paths["realign"], data),
-            "rate_file": rate_file_under(paths["tune"], method)}
+            "rate_file": rate_file_under(paths["tune"], key)}
 
 
-def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) -> None:
+def tune_entry(key: str, paths: dict) -> dict:
+    """The spelled-out fields of a tune.learning_rates entry: its params block and training file."""
+    method, data = parse_tune_key(key)
+    return {"params": method_params(method), "data": training_file_under(paths["data"], paths["realign"], data)}
+
+
+def _merge(target, overlay: dict, where: str = "", paths: dict | None = None, tune_keys=()) -> None:
     for key, value in overlay.items():
         here = f"{where}.{key}" if where else str(key)
         if key not in target:
@@ -49,7 +59,7 @@ def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) ->
 
             runs = CommentedMap()
             for run in value:
-                runs[run] = CommentedMap(run_spec(run, paths))  # block style: DVC's writer keeps it, never wraps it
+                runs[run] = CommentedMap(run_spec(run, paths, tune_keys))  # block style: DVC's writer keeps it, never wraps it
             target[key] = runs
         elif here == "tune.learning_rates" and isinstance(value, dict):
             from ruamel.yaml.comments import CommentedMap
@@ -58,13 +68,10 @@ def _merge(target, overlay: dict, where: str = "", paths: dict | None = None) ->
                 entry = rate if isinstance(rate, dict) else {"rate": rate}
                 if method in target[key] and isinstance(target[key][method], dict):
                     target[key][method].update(entry)  # keeps the entry's comment and what the preset leaves out
-                else:
-                    target[key][method] = CommentedMap({"rate": None, "params": method_params(method), "grid": None} | entry)
-                    target[key][method].fa.set_flow_style()
-                if isinstance(target[key][method].get("grid"), list):  # block style, as DVC's writer leaves it
-                    target[key][method].fa.set_block_style()
+                else:  # block style: DVC's writer keeps it, never wraps it
+                    target[key][method] = CommentedMap({"rate": None, **tune_entry(method, paths), "grid": None} | entry)
         elif isinstance(value, dict) and isinstance(target[key], dict):
-            _merge(target[key], value, here, paths)
+            _merge(target[key], value, here, paths, tune_keys)
         else:
             target[key] = value
 
@@ -96,7 +103,11 @@ def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir
     doc = yaml.load(params_path.read_text(encoding="utf-8"))
     overlay = yaml.load(preset.read_text(encoding="utf-8")) or {}
     _block_lists(overlay)
-    _merge(doc, overlay, paths={**doc["paths"], **(overlay.get("paths") or {})})
+    tune_keys = {*doc["tune"]["learning_rates"], *((overlay.get("tune") or {}).get("learning_rates") or {})}
+    paths = {**doc["paths"], **(overlay.get("paths") or {})}
+    _merge(doc, overlay, paths=paths, tune_keys=tune_keys)
+    for run, spec in doc["train"]["runs"].items():  # a preset's own <method>-<data> rate reaches the runs it kept too
+        spec["rate_file"] = run_spec(run, paths, tune_keys)["rate_file"]
     buffer = io.StringIO()
     yaml.dump(doc, buffer)
     import yaml as pyyaml

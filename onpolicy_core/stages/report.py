@@ -561,12 +561,13 @@ def plot_comparison(table: dict, metric: str, path: Path) -> None:
 
 # --- Learning rates: what the tune stage chose for each method (a section of its own) ---------------
 
-def learning_rates(paths: PathsConfig, runs: list[str]) -> dict[str, dict | None]:
-    """Per method of `runs`, the tune stage's best.json (None when there is none)."""
+def learning_rates(paths: PathsConfig, runs: list[str], rate_files: dict[str, str] | None = None) -> dict[str, dict | None]:
+    """Per tune entry the runs read (their `rate_file` in train.runs; without it, each run's method's),
+    the tune stage's best.json (None when there is none)."""
+    files = {run: (rate_files or {}).get(run) or rate_file(paths, parse_run(run)[0]) for run in runs}
     out: dict[str, dict | None] = {}
-    for method in dict.fromkeys(parse_run(r)[0] for r in runs):
-        path = Path(rate_file(paths, method))
-        out[method] = json.loads(path.read_text()) if path.is_file() else None
+    for path in dict.fromkeys(Path(f) for f in files.values()):
+        out[path.parent.name] = json.loads(path.read_text()) if path.is_file() else None
     return out
 
 
@@ -682,7 +683,7 @@ def _general_comparison(c: dict | None) -> str:
 
 
 def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, eval_cfg: EvalConfig, runs: list[str],
-               general: GeneralConfig | None = None) -> dict:
+               general: GeneralConfig | None = None, rate_files: dict[str, str] | None = None) -> dict:
     """Gather the evaluation of base + `runs` into <paths.report>/{report.md, comparison.png, comparison.json};
     with `general` (its benchmarks not empty), also the general-ability section."""
     for run in runs:
@@ -713,7 +714,7 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     policy, cost = policy_statistics(paths), cost_table(paths, runs)
     shown = [m for m in models if m == BASE or run_group(m) not in aliases]
     general_section = general_table(paths, general, shown) if general is not None and general.benchmarks else None
-    rates = learning_rates(paths, runs)
+    rates = learning_rates(paths, runs, rate_files)
     out = Path(paths.report)
     config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]

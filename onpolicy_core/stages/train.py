@@ -218,21 +218,21 @@ def trained_model(trainer, common: TrainCommon):
     return trained
 
 
-def read_learning_rate(paths: PathsConfig, method: str, tune: TuneConfig | None = None) -> tuple[float, str]:
-    """(rate, 'fixed' | 'tuned') from the tune stage's best.json of `method`. With `tune`, a file
-    that no longer matches its setting (another fixed number, or fixed vs tuned, or another grid)
-    is an error rather than a silent stale rate."""
-    path = Path(rate_file(paths, method))
+def read_learning_rate(paths: PathsConfig, key: str, tune: TuneConfig | None = None) -> tuple[float, str]:
+    """(rate, 'fixed' | 'tuned') from the tune stage's best.json of tune.learning_rates entry `key`. With
+    `tune`, a file that no longer matches its setting (another fixed number, or fixed vs tuned, or
+    another grid) is an error rather than a silent stale rate."""
+    path = Path(rate_file(paths, key))
     if not path.is_file():
-        raise InputError(f"{path}: no learning rate for {method!r}; run `onpolicy tune --method {method}` (or `dvc repro tune@{method}`)")
+        raise InputError(f"{path}: no learning rate for {key!r}; run `onpolicy tune --method {key}` (or `dvc repro tune@{key}`)")
     best = json.loads(path.read_text())
-    if tune is not None and method in tune.learning_rates:
-        setting = tune.learning_rates[method].rate
-        stale = (best["source"] != "tuned" or best["grid"] != tune.grid) if setting == TUNED else \
+    if tune is not None and key in tune.learning_rates:
+        setting = tune.learning_rates[key].rate
+        stale = (best["source"] != "tuned" or best["grid"] != tune.grid_of(key)) if setting == TUNED else \
             (best["source"] != "fixed" or best["learning_rate"] != setting)
         if stale:
             raise InputError(f"{path}: chosen under other settings (source {best['source']}, rate {best['learning_rate']}) than "
-                             f"tune.learning_rates.{method} = {setting}; rerun `onpolicy tune --method {method}`")
+                             f"tune.learning_rates.{key} = {setting}; rerun `onpolicy tune --method {key}`")
     return float(best["learning_rate"]), best["source"]
 
 
@@ -293,25 +293,27 @@ def _method_options(method: str, cfg: TrainConfig) -> dict:
 
 def run_train(cfg: TrainConfig, paths: PathsConfig, tracking: TrackingConfig, run: str, tune: TuneConfig | None = None) -> dict:
     """Train `run` ('<method>-<data>[-s<seed>]') at the learning rate the tune stage chose for its
-    method (checked against `tune` when given); write <paths.train>/<run>/model and metrics.json."""
+    tune.learning_rates entry (`tune.key_of`: its own `<method>-<data>` one, else its method's;
+    checked against `tune`; without `tune`, the method's); write <paths.train>/<run>/model and metrics.json."""
     method, data = parse_run(run)
     cfg = dataclasses.replace(cfg, common=dataclasses.replace(cfg.common, seed=run_seed(run, cfg.common.seed)))
     out = Path(paths.train) / run
     checkpoints = Path(paths.train) / ".checkpoints" / run
     data_file = training_file(paths, data)
     problems = read_problems(data_file)
-    learning_rate, source = read_learning_rate(paths, method, tune)  # after the training file: its error comes first
+    key = tune.key_of(run) if tune is not None else method
+    learning_rate, source = read_learning_rate(paths, key, tune)  # after the training file: its error comes first
     config = {"train": {"common": to_dict(cfg.common), **_method_options(method, cfg)}, "run": run, "method": method, "data": data,
               "learning_rate": learning_rate, "learning_rate_source": source}
     # Under `accelerate launch` / torchrun (data parallel) every rank trains; rank 0 alone logs to
     # MLflow and writes the outputs, and the other ranks wait for it, then return.
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK in every process
     with stage_run("train", config, tracking if main else dataclasses.replace(tracking, enabled=False), run_name=f"train-{run}",
-                   inputs=[paths.policy, data_file, rate_file(paths, method)]) as handle:
+                   inputs=[paths.policy, data_file, rate_file(paths, key)]) as handle:
         handle.set_tags({"onpolicy.method": method, "onpolicy.data": data, "onpolicy.seed": str(cfg.common.seed)})
         model, tokenizer = load_materialised(paths.policy, dtype=TRAINING_DTYPE)
         summary: dict = {"run": run, "method": method, "data": data, "seed": cfg.common.seed, "learning_rate": learning_rate,
-                         "learning_rate_source": source}
+                         "learning_rate_source": source, "learning_rate_entry": key}
         rows = training_rows(method, cfg, model, tokenizer, Path(paths.policy), problems, summary)
         trainer = make_trainer(method, cfg, learning_rate, model, tokenizer, rows, checkpoints, tracking)
         ranks = PartialState()  # as the trainer's arguments configured it

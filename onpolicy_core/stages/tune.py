@@ -1,10 +1,11 @@
 """Stage `tune`: the learning rate of one training method, fixed by hand or chosen on the validation split.
 
-A fixed rate (`tune.learning_rates.<method>.rate: <number>`) is written to best.json at once, with no
+A fixed rate (`tune.learning_rates.<key>.rate: <number>`) is written to best.json at once, with no
 model. A tuned one (`rate: tuned`) runs an Optuna study with `GridSampler` over its grid (the method's
 own `grid`, else `tune.grid`): each trial trains the method as the train stage does (its `training_rows`
-/ `make_trainer`, train.common and the method's own block, on the original training set, for
-`tune.max_steps`) from the tune start model, then scores it greedily on `tune.val_limit` problems of
+/ `make_trainer`, train.common and the method's own block, for `tune.max_steps`) on the entry's
+training set (the original set for a `<method>` entry, the named one for `<method>-<data>`, e.g.
+idft-hinted: Hinted Decoding data wants its own rate) from the tune start model, then scores it greedily on `tune.val_limit` problems of
 val.jsonl with eval's generation and grading. The validation split is carved from the training pool,
 never trained on and disjoint from every evaluation benchmark, so choosing the rate does not look at
 the numbers the report compares. DPO/SimPO sample their preference pairs once per stage, from the start
@@ -48,6 +49,7 @@ from onpolicy_core.plumbing.config import (
     TrainConfig,
     TuneConfig,
     method_params,
+    parse_tune_key,
     to_dict,
     training_file,
 )
@@ -133,41 +135,45 @@ def _write_outputs(out: Path, best: dict, trials: list[dict], metric: str) -> No
     plot_trials(trials, out / "validation.png", title, metric, fixed=best["learning_rate"], start=best.get("start_policy"))
 
 
-def _settings(tune: TuneConfig, method: str) -> dict:
-    """What the stage reads of `tune` for `method` (its DVC params)."""
+def _settings(tune: TuneConfig, key: str) -> dict:
+    """What the stage reads of `tune` for `key` (its DVC params)."""
     shared = {k: v for k, v in to_dict(tune).items() if k != "learning_rates"}
-    return {"rate": tune.learning_rates[method].rate, **shared, "grid": tune.grid_of(method)}
+    return {"rate": tune.learning_rates[key].rate, **shared, "grid": tune.grid_of(key)}
 
 
 def run_tune(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig,
-             method: str) -> dict:
-    """Write <paths.tune>/<method>/{best.json, trials.json, metrics.json, validation.png}; returns best.json."""
-    if method not in tune.learning_rates:
-        raise InputError(f"tune.learning_rates has no entry for {method!r} (known: {sorted(tune.learning_rates)})")
-    out = Path(paths.tune) / method
-    rate = tune.learning_rates[method].rate
+             key: str) -> dict:
+    """Write <paths.tune>/<key>/{best.json, trials.json, metrics.json, validation.png}; returns best.json."""
+    if key not in tune.learning_rates:
+        raise InputError(f"tune.learning_rates has no entry for {key!r} (known: {sorted(tune.learning_rates)})")
+    out = Path(paths.tune) / key
+    rate = tune.learning_rates[key].rate
     if rate != TUNED:
-        best = fixed_choice(method, rate)
+        best = fixed_choice(key, rate)
         _write_outputs(out, best, [], tune.metric)
-        log.info("tune %s: fixed by hand at %g", method, rate)
+        log.info("tune %s: fixed by hand at %g", key, rate)
         return best
-    return _run_study(tune, train, eval_cfg, paths, tracking, method, out)
+    return _run_study(tune, train, eval_cfg, paths, tracking, key, out)
 
 
 def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths: PathsConfig, tracking: TrackingConfig,
-               method: str, out: Path) -> dict:
+               key: str, out: Path) -> dict:
     import optuna
     from filelock import FileLock, Timeout
     from optuna.trial import TrialState
 
     from onpolicy_core.data.benchmarks import BenchmarkSource, Generator, load_benchmark
 
-    model_dir, grid = start_model(paths), tune.grid_of(method)
-    train_file, val_file = training_file(paths, "original"), Path(paths.data) / "val.jsonl"
+    method, data = parse_tune_key(key)
+    model_dir, grid = start_model(paths), tune.grid_of(key)
+    train_file, val_file = training_file(paths, data), Path(paths.data) / "val.jsonl"
+    if not Path(train_file).is_file():
+        made_by = "data" if data == "original" else f"realign@{data}"
+        raise InputError(f"{train_file}: no training set for tune.learning_rates.{key}; run `dvc repro {made_by}` first")
     if tune.max_steps != -1:  # else the run's own length (train.common.max_steps or epochs)
         train = dataclasses.replace(train, common=dataclasses.replace(train.common, max_steps=tune.max_steps))
     block = method_params(method).removeprefix("train.")
-    config = {"tune": _settings(tune, method), "method": method, "model_folder": str(model_dir),
+    config = {"tune": _settings(tune, key), "method": key, "model_folder": str(model_dir),
               "train": {"common": to_dict(train.common), **({block: to_dict(getattr(train, block))} if block != "common" else {})},
               "eval": {"max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size}}
     where = BenchmarkSource(data_root=eval_cfg.data_root, allow_hub=False, limit=tune.val_limit, limit_order="random",
@@ -182,14 +188,14 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise InputError(f"another `onpolicy tune --method {method}` holds {lock.lock_file}") from None
+        raise InputError(f"another `onpolicy tune --method {key}` holds {lock.lock_file}") from None
     try:
         changed = claim_work_dir(work, fingerprint)
         if changed:
             log.info("discarding the tuning study in %s: made under other %s; starting fresh", work, ", ".join(changed))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.RDBStorage(f"sqlite:///{(work / 'study.db').resolve()}")
-        study = optuna.create_study(study_name=f"tune-{method}", storage=storage,
+        study = optuna.create_study(study_name=f"tune-{key}", storage=storage,
                                     sampler=optuna.samplers.GridSampler({"learning_rate": grid}, seed=tune.seed),
                                     direction="maximize", load_if_exists=True)
         # We hold the lock, so a trial still RUNNING was left by a killed process: it failed, and its
@@ -204,15 +210,15 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
             for lr in todo:
                 if lr not in waiting:
                     study.enqueue_trial({"learning_rate": lr})
-        log.info("tune %s: %d of %d grid points to run%s", method, len(todo), len(grid),
+        log.info("tune %s: %d of %d grid points to run%s", key, len(todo), len(grid),
                  f" ({len(finished)} finished before)" if finished else "")
-        with stage_run("tune", config, tracking, run_name=f"tune-{method}", inputs=[model_dir, train_file, val_file]) as handle:
-            handle.set_tags({"onpolicy.method": method})
+        with stage_run("tune", config, tracking, run_name=f"tune-{key}", inputs=[model_dir, train_file, val_file]) as handle:
+            handle.set_tags({"onpolicy.method": key})
             if todo:
-                objective = _objective(method, train, greedy, problems, tune, model_dir, train_file, work, tracking)
+                objective = _objective(key, method, train, greedy, problems, tune, model_dir, train_file, work, tracking)
                 callbacks = []
                 if tracking.enabled:
-                    callback = _trial_runs(method, f"val_{tune.metric}")
+                    callback = _trial_runs(key, f"val_{tune.metric}")
                     objective, callbacks = callback.track_in_mlflow()(objective), [callback]
                 study.optimize(objective, n_trials=len(todo), callbacks=callbacks)
             complete = {}
@@ -220,11 +226,11 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
                 complete[t.params["learning_rate"]] = {"number": t.number, **t.user_attrs}
             missing = [lr for lr in grid if lr not in complete]
             if missing:
-                raise RuntimeError(f"tune {method}: the study ended without trials at {missing}")
+                raise RuntimeError(f"tune {key}: the study ended without trials at {missing}")
             records = [complete[lr] for lr in sorted(grid)]
             chosen = choose_best(records, tune.metric)
             start = _start_policy(model_dir, problems, greedy, work)
-            best = {"method": method, "learning_rate": chosen["learning_rate"], "source": "tuned", "metric": tune.metric,
+            best = {"method": key, "learning_rate": chosen["learning_rate"], "source": "tuned", "metric": tune.metric,
                     "objective": chosen[f"{tune.metric}_ci"], "start_policy": start[f"{tune.metric}_ci"],
                     "trial": chosen["number"], "trials": len(records), "grid": grid,
                     "max_steps": train.common.max_steps, "val_problems": len(problems),
@@ -240,7 +246,7 @@ def _run_study(tune: TuneConfig, train: TrainConfig, eval_cfg: EvalConfig, paths
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         lock.release()
-    log.info("tune %s: chose %g (%s %.3f on %d validation problems; the start policy %.3f) -> %s", method,
+    log.info("tune %s: chose %g (%s %.3f on %d validation problems; the start policy %.3f) -> %s", key,
              best["learning_rate"], tune.metric, best["objective"]["value"], len(problems), best["start_policy"]["value"],
              out / "best.json")
     return best
@@ -281,7 +287,7 @@ def _start_policy(model_dir: Path, problems, greedy: EvalConfig, work: Path) -> 
     return scores
 
 
-def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tune: TuneConfig, model_dir: Path,
+def _objective(key: str, method: str, train: TrainConfig, greedy: EvalConfig, problems, tune: TuneConfig, model_dir: Path,
                train_file: str, work: Path, tracking: TrackingConfig):
     """The Optuna objective: train at the trial's rate, score greedily on the validation problems."""
     # Imported here: torch, TRL and the generators load only when a method is tuned, so a fixed
@@ -300,11 +306,11 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
         write_json(rows_file, {"rows": rows, "summary": pair_summary})
 
     def objective(trial) -> float:
-        lr = trial.suggest_categorical("learning_rate", tune.grid_of(method))
+        lr = trial.suggest_categorical("learning_rate", tune.grid_of(key))
         if tracking.enabled:  # the trial's run (track_in_mlflow): named and tagged now, so a failed trial's run is found too
             import mlflow
 
-            mlflow.set_tags({"mlflow.runName": _trial_name(method, lr), **trial_tags(method)})
+            mlflow.set_tags({"mlflow.runName": _trial_name(key, lr), **trial_tags(key)})
         folder = work / f"trial-{trial.number}"
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()
@@ -329,22 +335,22 @@ def _objective(method: str, train: TrainConfig, greedy: EvalConfig, problems, tu
         del trainer, trained, model
         gc.collect()
         shutil.rmtree(folder, ignore_errors=True)  # the trial's model and checkpoints: only its score is kept
-        log.info("tune %s: lr %g -> %s %.3f (%d problems, %.0f s)", method, lr, tune.metric, record[tune.metric], n, record["seconds"])
+        log.info("tune %s: lr %g -> %s %.3f (%d problems, %.0f s)", key, lr, tune.metric, record[tune.metric], n, record["seconds"])
         return record[tune.metric]
 
     return objective
 
 
-def trial_tags(method: str) -> dict[str, str]:
+def trial_tags(key: str) -> dict[str, str]:
     """Tags of every trial's MLflow run (`tags.onpolicy.stage = 'tune-trial'` lists them all)."""
-    return {"onpolicy.stage": "tune-trial", "onpolicy.method": method}
+    return {"onpolicy.stage": "tune-trial", "onpolicy.method": key}
 
 
-def _trial_name(method: str, lr: float) -> str:
-    return f"tune-{method}-lr{lr:g}"
+def _trial_name(key: str, lr: float) -> str:
+    return f"tune-{key}-lr{lr:g}"
 
 
-def _trial_runs(method: str, metric_name: str):
+def _trial_runs(key: str, metric_name: str):
     """optuna_integration's MLflowCallback logging each trial as a run nested under the active stage
     run, in its experiment, named by the trial's rate (the callback itself names runs by trial number,
     renaming the run it reopens)."""
@@ -353,8 +359,8 @@ def _trial_runs(method: str, metric_name: str):
 
     class TrialRuns(MLflowCallback):
         def __call__(self, study, trial) -> None:
-            self._mlflow_kwargs["run_name"] = _trial_name(method, trial.params["learning_rate"])
+            self._mlflow_kwargs["run_name"] = _trial_name(key, trial.params["learning_rate"])
             super().__call__(study, trial)
 
     return TrialRuns(metric_name=metric_name, create_experiment=False, mlflow_kwargs={
-        "nested": True, "experiment_id": mlflow.active_run().info.experiment_id, "tags": trial_tags(method)})
+        "nested": True, "experiment_id": mlflow.active_run().info.experiment_id, "tags": trial_tags(key)})
