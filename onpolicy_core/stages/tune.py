@@ -326,8 +326,8 @@ def _objective(key: str, method: str, train: TrainConfig, greedy: EvalConfig, pr
             "steps": trainer.state.global_step, "train_seconds": round(trained_s, 1),
             "seconds": round(time.perf_counter() - start, 1), **({"pairs": pair_summary["pairs"]} if "pairs" in pair_summary else {}),
         }
-        for key, value in record.items():
-            trial.set_user_attr(key, value)
+        for name, value in record.items():
+            trial.set_user_attr(name, value)
         if tracking.enabled:
             import mlflow
 
