@@ -432,6 +432,13 @@ def parse_tune_key(key: str) -> tuple[str, str]:
     return method, data
 
 
+def tune_key_of(run: str, keys) -> str:
+    """The tune.learning_rates entry among `keys` that run `run` reads: its `<method>-<data>` one if
+    present, else its method's (for params as raw data too, before it is typed)."""
+    group = run_group(run)
+    return group if group in keys else parse_run(run)[0]
+
+
 def run_group(name: str) -> str:
     """'<method>-<data>' of a run, without its seed suffix: the runs the report aggregates over seeds."""
     method, data = parse_run(name)
@@ -607,8 +614,7 @@ class TuneConfig:
 
     def key_of(self, run: str) -> str:
         """The learning_rates entry run `run` reads: its `<method>-<data>` one if present, else its method's."""
-        group = run_group(run)
-        return group if group in self.learning_rates else parse_run(run)[0]
+        return tune_key_of(run, self.learning_rates)
 
     def grid_of(self, method: str) -> list[float]:
         """The rates `method` tries when tuned: its own grid, else `grid`."""

@@ -23,8 +23,8 @@ from onpolicy_core.plumbing.config import (
     parse_run,
     parse_tune_key,
     rate_file_under,
-    run_group,
     training_file_under,
+    tune_key_of,
 )
 
 PRESETS_DIR = Path("presets")
@@ -38,9 +38,8 @@ def run_spec(run: str, paths: dict, tune_keys) -> dict:
     """The params.yaml entry of a run: its method's params block, its training file and the learning-rate
     file of its tune entry (`<method>-<data>` if `tune_keys` has it, else `<method>`)."""
     method, data = parse_run(run)
-    key = run_group(run) if run_group(run) in tune_keys else method
     return {"params": method_params(method), "data": training_file_under(paths["data"], paths["realign"], data),
-            "rate_file": rate_file_under(paths["tune"], key)}
+            "rate_file": rate_file_under(paths["tune"], tune_key_of(run, tune_keys))}
 
 
 def tune_entry(key: str, paths: dict) -> dict:

@@ -6,9 +6,9 @@ own `grid`, else `tune.grid`): each trial trains the method as the train stage d
 / `make_trainer`, train.common and the method's own block, for `tune.max_steps`) from the tune start
 model on the entry's training set (the original set for a `<method>` entry, the named one for
 `<method>-<data>`, e.g. idft-hinted: Hinted Decoding data wants its own rate), then scores it greedily
-on `tune.val_limit` problems of val.jsonl with eval's generation and grading. The validation split is carved from the training pool,
-never trained on and disjoint from every evaluation benchmark, so choosing the rate does not look at
-the numbers the report compares. DPO/SimPO sample their preference pairs once per stage, from the start
+on `tune.val_limit` problems of val.jsonl with eval's generation and grading. The validation split is
+carved from the training pool, never trained on and disjoint from every evaluation benchmark, so
+choosing the rate does not look at the numbers the report compares. DPO/SimPO sample their preference pairs once per stage, from the start
 model, and every trial trains on the same pairs.
 
 The best trial has the highest `tune.metric`; ties go to the higher other accuracy (strict for lenient
