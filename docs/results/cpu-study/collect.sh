@@ -18,23 +18,34 @@ done
 for variant in artifacts/realign/*/; do cp "$variant/summary.json" "$dest/realign-$(basename "$variant").json"; done
 git rev-parse HEAD > "$dest/git-commit.txt"
 python - "$dest" <<'PY'
+import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import mlflow
 
 client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
 exp = client.get_experiment_by_name("onpolicy-sft")
 runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time ASC"])
-rows, total = [], 0.0
+latest, reruns = {}, 0
 for r in runs:
     stage = r.data.tags.get("onpolicy.dvc_stage") or r.data.tags.get("onpolicy.stage")
-    # tune-trial runs nest inside their tune stage's run, whose time already holds them
+    # tune-trial runs nest inside their tune stage's run
     if stage in (None, "pipeline", "tune-trial") or r.info.end_time is None or r.info.status != "FINISHED":
         continue
-    seconds = (r.info.end_time - r.info.start_time) / 1000
-    rows.append((stage, r.info.run_name, seconds))
-    total += seconds
+    # a stage that reran (after a code change; a study spread over sessions) counts once: its last run
+    name = r.info.run_name
+    reruns += name in latest
+    latest[name] = (stage, name, (r.info.end_time - r.info.start_time) / 1000)
+# A tune stage resumed across sessions ends in a short run that finds its trials done: it costs at
+# least the sum of its trials' times, as its trials.json records them.
+for name, (stage, _, seconds) in latest.items():
+    trials = Path(f"artifacts/tune/{name.removeprefix('tune-')}/trials.json")
+    if stage == "tune" and trials.exists():
+        latest[name] = (stage, name, max(seconds, sum(t["seconds"] for t in json.loads(trials.read_text()))))
+rows = list(latest.values())
+total = sum(s for _, _, s in rows)
 by_kind = defaultdict(float)
 for stage, _, s in rows:
     by_kind[stage.split("@")[0]] += s
@@ -46,5 +57,7 @@ with open(f"{sys.argv[1]}/timings.md", "w") as fh:
     for kind, s in by_kind.items():
         fh.write(f"| {kind} | {s:.0f} |\n")
     fh.write(f"| **total** | **{total:.0f}** ({total / 3600:.2f} h) |\n")
-print(f"{len(rows)} stage runs, {total / 3600:.2f} h")
+    fh.write(f"\nEach stage's last finished run, a tune stage's at least the sum of its trials; {reruns} "
+             "earlier runs of the same stages (reruns after code changes, which reproduced their outputs) are left out.\n")
+print(f"{len(rows)} stage runs ({reruns} earlier reruns left out), {total / 3600:.2f} h")
 PY
