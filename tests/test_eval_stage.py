@@ -11,6 +11,7 @@ import pytest
 
 from onpolicy_core.data.arithmetic import generate
 from onpolicy_core.data.io import write_jsonl
+from onpolicy_core.plumbing.tracking import use_experiment
 from onpolicy_core.stages import eval as eval_stage
 from onpolicy_core.stages.skeleton import partial_dir, write_run_record
 from tests.conftest import KilledOnCall, default_config
@@ -40,7 +41,7 @@ def _cfg(**kw):
 
 def test_eval_writes_records_and_metrics_and_nests_under_the_training_run(tmp_path, embedded_model_dir):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment(TRACKING.experiment)
+    use_experiment(mlflow, TRACKING.experiment)
     with mlflow.start_run(run_name="train-fake") as train_run:
         mlflow.log_text("weights would be here", "model/README.txt")  # what train.log_model logs
     paths = _project(tmp_path, embedded_model_dir, train_run.info.run_id)

@@ -174,8 +174,21 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """MLflow 3 opens an experiment without this tag in its GenAI (traces) view; with it, in the runs table."""
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artefacts: `mlruns/` beside a local SQLite store, so that they
+    stay with their runs wherever the process starts (MLflow's default, `./mlruns`, follows the working
+    directory); a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def use_experiment(mlflow: Any, name: str) -> str:
-    """Set the active experiment (created if new), marked as model training; returns its id."""
+    """Set the active experiment (created if new, its artefacts beside a local store), marked as model
+    training; returns its id."""
+    if mlflow.get_experiment_by_name(name) is None:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process made it first
+            mlflow.create_experiment(name, artifact_location=artifact_root(mlflow.get_tracking_uri()))
     experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
