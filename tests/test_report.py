@@ -14,6 +14,7 @@ import pytest
 
 from onpolicy_core.algorithms.statistics import mcnemar_exact, wilson
 from onpolicy_core.data.io import InputError, write_json
+from onpolicy_core.plumbing.tracking import use_experiment
 from onpolicy_core.stages.report import run_report
 from tests.conftest import default_config
 
@@ -24,14 +25,16 @@ REPORT, EVAL = BASE.report, dataclasses.replace(BASE.eval, samples=0, limit=16)
 N = 120
 
 
-def _record(bench, pid, correct, mode="greedy", sample=0, boxed=True):
+def _record(bench, pid, correct, mode="greedy", sample=0, boxed=True, response=None):
     return {"benchmark": bench, "problem_id": f"{bench}-{pid:03d}", "mode": mode, "sample": sample, "correct": correct,
-            "strict_correct": correct and boxed, "n_tokens": 10, "finish_reason": "stop"}
+            "strict_correct": correct and boxed, "n_tokens": 10, "finish_reason": "stop", "response": response}
 
 
-def _fake_eval(paths, name, n_correct: dict[str, int], truncated=0.0, unboxed=0):
-    """Greedy records: the first n_correct problems right (the first `unboxed` of those without \\boxed{})."""
-    rows = [_record(b, i, i < k, boxed=i >= unboxed) for b, k in n_correct.items() for i in range(N)]
+def _fake_eval(paths, name, n_correct: dict[str, int], truncated=0.0, unboxed=0, answers_as=None):
+    """Greedy records: the first n_correct problems right (the first `unboxed` of those without \\boxed{}),
+    each answer a text of this model's own, or the model `answers_as`'s text."""
+    rows = [_record(b, i, i < k, boxed=i >= unboxed, response=f"{answers_as or name} on {i}")
+            for b, k in n_correct.items() for i in range(N)]
     folder = f"{paths.eval}/{name}"
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), f"{folder}/records.parquet")
@@ -61,7 +64,7 @@ RUNS = ["sft-original", "idft-original", "idft-original-s1", "idft-hinted"]
 
 def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment("test-report")
+    use_experiment(mlflow, "test-report")
     with mlflow.start_run(run_name="pipeline") as parent:
         pass
     monkeypatch.setenv("ONPOLICY_PARENT_RUN_ID", parent.info.run_id)
@@ -99,6 +102,8 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
     assert {"sft-original/arithmetic/greedy_accuracy", "idft-hinted/arithmetic_ood/greedy_accuracy"} <= set(on_parent)
     assert artifacts == {"report/report.md", "report/comparison.png", "report/comparison.json"}
     experiment = mlflow.MlflowClient().get_experiment_by_name("test-report")
+    store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
+    assert experiment.artifact_location == (store / "mlruns").as_uri(), "artefacts beside the store, not in the working directory"
     view = json.loads(experiment.tags["mlflow.sharedViewState.onpolicy-comparison"])  # what the UI opens by ?viewStateShareKey=
     assert view["searchFilter"] == "tags.`onpolicy.stage` = 'eval'"
     # Ordered by date, MLflow's table folds trained models' eval runs under their collapsed parents.
@@ -178,3 +183,16 @@ def test_a_run_on_data_identical_to_another_runs_is_not_a_separate_result(tmp_pa
     flags = data_flags(training_sets(paths), {})
     assert flags == ["self_distill and hinted: 95.0% of their training examples are the same text word for word, so runs on them "
                      "differ only by the rest: read their rows as nearly one result."]
+
+
+def test_a_model_that_answers_as_base_does_is_flagged_as_the_start_policy(paths):
+    """A run whose learning rate barely moved it gives the base model's answers word for word: its row
+    is the start policy under another name, and the report says so beside its accuracy."""
+    _fake_eval(paths, "dpo-original", {"arithmetic": 30, "arithmetic_ood": 12}, answers_as="base")
+    out = run_report(REPORT, paths, OFF, EVAL, ["sft-original", "dpo-original"])
+    assert out["same_answers_as_base"] == {"sft-original": {"arithmetic": 0.0, "arithmetic_ood": 0.0, "all": 0.0},
+                                           "dpo-original": {"arithmetic": 1.0, "arithmetic_ood": 1.0, "all": 1.0}}
+    assert out["truncation_flags"][-1].startswith("dpo-original: 100.0% of its greedy answers are the base model's text word for word")
+    assert not any(f.startswith("sft-original") for f in out["truncation_flags"])
+    md = Path(paths.report, "report.md").read_text()
+    assert "| dpo-original | 1 | 25.0 [" in md and "| 0.0% | 100.0% | +0.0" in md, "the share sits beside the accuracy"

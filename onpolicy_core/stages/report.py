@@ -120,6 +120,49 @@ class Group:
     """run -> benchmark -> problem -> headline value."""
     strict: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """The same, strictly graded."""
+    responses: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    """run -> benchmark -> problem -> greedy response text (empty where the records hold none)."""
+
+
+def greedy_responses(records: list[dict]) -> dict[str, dict[str, str]]:
+    """{benchmark: {problem_id: text}} of the greedy responses."""
+    out: dict[str, dict[str, str]] = {}
+    for r in records:
+        if r["mode"] == "greedy" and r.get("response") is not None:
+            out.setdefault(r["benchmark"], {})[r["problem_id"]] = r["response"]
+    return out
+
+
+SAME_ANSWERS_FLAG = 0.9
+"""A trained model that gives more than this share of the base model's greedy answers word for word is
+flagged: at its learning rate it has barely moved, so its row is the start policy under another name."""
+
+
+def same_answers_as_base(groups: list[Group]) -> dict[str, dict[str, float]]:
+    """{group: {benchmark: share of its greedy answers that are the base model's text word for word, over
+    its seeds' problems; "all": the same over every benchmark}}. Accuracy alone cannot say this: two
+    models can score alike with different answers."""
+    base = next(g for g in groups if g.name == BASE).responses.get(BASE, {})
+    out: dict[str, dict[str, float]] = {}
+    for g in groups:
+        if g.name == BASE:
+            continue
+        same = total = 0
+        for bench, answers in base.items():
+            pairs = [(answers[pid], g.responses[run][bench][pid]) for run in g.runs
+                     for pid in answers if pid in g.responses.get(run, {}).get(bench, {})]
+            if pairs:
+                out.setdefault(g.name, {})[bench] = sum(a == b for a, b in pairs) / len(pairs)
+                same, total = same + sum(a == b for a, b in pairs), total + len(pairs)
+        if total:
+            out[g.name]["all"] = same / total
+    return out
+
+
+def same_answer_flags(same: dict[str, dict[str, float]]) -> list[str]:
+    return [f"{group}: {_pct(shares['all'])}% of its greedy answers are the base model's text word for word: at its "
+            "learning rate it has barely moved from the start policy, so read its row as the start policy's."
+            for group, shares in same.items() if shares["all"] > SAME_ANSWERS_FLAG]
 
 
 def group_runs(runs: list[str]) -> dict[str, list[str]]:
@@ -453,7 +496,7 @@ def _total(*parts: float | None) -> float | None:
 
 def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, realign: dict, metric: str,
                     sft_reference: str, flags: list[str], problems: str = "", sets: dict | None = None,
-                    policy: dict | None = None, cost: dict | None = None) -> str:
+                    policy: dict | None = None, cost: dict | None = None, same: dict | None = None) -> str:
     ns = [c["estimate"]["n"] for cells in table.values() for c in cells.values()]
     n_min = min(ns) if ns else 0
     lines = [f"# Comparison: {metric} accuracy (%)", ""]
@@ -477,15 +520,17 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
     for bench, cells in table.items():
         n = next(iter(cells.values()))["estimate"]["n"]
         lines += [f"## {bench} (n = {n})", "",
-                  f"| model | seeds | {metric} [95% CI] | strict [95% CI] | truncated | Δ vs base | Δ vs {sft} |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"| model | seeds | {metric} [95% CI] | strict [95% CI] | truncated | answers = base's | Δ vs base | Δ vs {sft} |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, c in cells.items():
             runs = next(g.runs for g in groups if g.name == name)
             trunc = [results[r][bench].get("truncated_rate") for r in runs if bench in results.get(r, {})]
             trunc_text = _pct(float(np.mean(trunc))) + "%" if trunc and None not in trunc else "–"
+            share = (same or {}).get(name, {}).get(bench)
             lines.append(f"| {name} | {c['estimate']['seeds']} | {_estimate_text(c['estimate'])} | {_estimate_text(c['strict'])} | "
-                         f"{trunc_text} | {_comparison_text(c['vs_base'])} | {_comparison_text(c['vs_sft'])} |")
-        lines.append("")
+                         f"{trunc_text} | {'–' if share is None else _pct(share) + '%'} | {_comparison_text(c['vs_base'])} | "
+                         f"{_comparison_text(c['vs_sft'])} |")
+        lines += ["", "*answers = base's*: the share of greedy answers that are the base model's text word for word.", ""]
     lines += ["## Every metric of every run", ""]
     for bench in table:
         keys = sorted({k for m in results.values() for k in m.get(bench, {})})
@@ -706,11 +751,13 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
             records = _read_records(Path(paths.eval) / run / "records.parquet")
             g.values[run] = per_problem(records, cfg.metric, eval_cfg.samples)
             g.strict[run] = per_problem(records, cfg.metric, eval_cfg.samples, strict=True)
+            g.responses[run] = greedy_responses(records)
         groups.append(g)
     benches = list(results[BASE])
     table = build_table(groups, benches, cfg.metric, cfg.sft_reference)
     ddt, realign = ddt_statistics(paths), realign_statistics(paths)
-    flags = truncation_flags(results, runs) + data_flags(sets, aliases)
+    same = same_answers_as_base(groups)
+    flags = truncation_flags(results, runs) + data_flags(sets, aliases) + same_answer_flags(same)
     policy, cost = policy_statistics(paths), cost_table(paths, runs)
     shown = [m for m in models if m == BASE or run_group(m) not in aliases]
     general_section = general_table(paths, general, shown) if general is not None and general.benchmarks else None
@@ -720,13 +767,13 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
     with stage_run("report", config, tracking, inputs=inputs) as run:
         write_text(out / "report.md", render_markdown(table, results, groups, ddt, realign, cfg.metric, cfg.sft_reference, flags,
-                                                      problems_note(eval_cfg), sets, policy, cost)
+                                                      problems_note(eval_cfg), sets, policy, cost, same)
                    + "\n" + "\n".join(learning_rate_section(rates))
                    + ("\n" + render_general(general_section, general) if general_section else ""))
         plot_comparison(table, cfg.metric, out / "comparison.png")
         comparison_json = {"metric": cfg.metric, "metric_key": config["metric_key"], "alpha": ALPHA, "table": table,
                            "results": results, "ddt": ddt, "realign": realign, "truncation_flags": flags,
-                           "training_sets": sets, "same_data": aliases, "policy": policy, "cost": cost, "learning_rates": rates}
+                           "training_sets": sets, "same_data": aliases, "same_answers_as_base": same, "policy": policy, "cost": cost, "learning_rates": rates}
         if general_section:
             comparison_json["general"] = general_section
         write_json(out / "comparison.json", comparison_json)
