@@ -196,3 +196,26 @@ def test_a_model_that_answers_as_base_does_is_flagged_as_the_start_policy(paths)
     assert not any(f.startswith("sft-original") for f in out["truncation_flags"])
     md = Path(paths.report, "report.md").read_text()
     assert "| dpo-original | 1 | 25.0 [" in md and "| 0.0% | 100.0% | +0.0" in md, "the share sits beside the accuracy"
+
+
+def test_cost_per_method_counts_data_preparation_training_and_the_rate_search(paths, tmp_path):
+    """The paper's third axis from the stages' run records: Hinted Decoding is the hinted runs' data
+    preparation, training is the mean over seeds, and the rate search is the sum of the trials the runs'
+    tune entry ran (none for a rate fixed by hand)."""
+    paths = dataclasses.replace(paths, train=str(tmp_path / "train"), tune=str(tmp_path / "tune"))
+    for run, (wall, cpu) in {"sft-original": (80, 150), "idft-original": (90, 170), "idft-original-s1": (110, 190),
+                             "idft-hinted": (70, 130)}.items():
+        write_json(tmp_path / ".runs" / "train" / f"{run}.json", {"process_seconds": wall, "cpu_seconds": cpu})
+    write_json(Path(paths.realign).parent / ".runs" / "realign" / "hinted.json",
+               {"process_seconds": 120, "cpu_seconds": 200, "shards": {"shard-1-of-2": {"cpu_seconds": 40}}})
+    write_json(tmp_path / "tune" / "idft" / "trials.json", [{"seconds": 100.0}, {"seconds": 140.5}])
+    write_json(tmp_path / "tune" / "idft-hinted" / "trials.json", [{"seconds": 95.0}])
+    out = run_report(REPORT, paths, OFF, EVAL, RUNS, rate_files={"idft-hinted": str(tmp_path / "tune/idft-hinted/best.json")})
+    cost = out["cost"]
+    assert cost["idft-original"] == {"data_wall_s": 0.0, "data_cpu_s": 0.0, "train_wall_s": 100.0, "train_cpu_s": 180.0,
+                                     "seeds": 2, "tune_wall_s": 240.5, "tune_trials": 2}
+    assert cost["idft-hinted"]["data_wall_s"] == 120 and cost["idft-hinted"]["data_cpu_s"] == 240, "shards' CPU counted"
+    assert cost["idft-hinted"]["tune_wall_s"] == 95.0, "the runs' own tune entry, not their method's"
+    assert cost["sft-original"]["tune_wall_s"] is None, "no search ran for it"
+    md = Path(paths.report, "report.md").read_text()
+    assert "| idft-original | 0 | 0 | 100 | 180 | 180 | 240 (2) |" in md and "| sft-original | 0 | 0 | 80 | 150 | 150 | – |" in md

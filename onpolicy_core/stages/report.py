@@ -413,10 +413,12 @@ def policy_statistics(paths: PathsConfig) -> dict | None:
     return json.loads(summary.read_text()) if summary.is_file() else None
 
 
-def cost_table(paths: PathsConfig, runs: list[str]) -> dict[str, dict]:
+def cost_table(paths: PathsConfig, runs: list[str], rate_files: dict[str, str] | None = None) -> dict[str, dict]:
     """Per <method>-<data>: data preparation (the realign stage of its training set; pair sampling is
     part of DPO/SimPO training) and training, in wall and CPU seconds, the mean over its seeds, from the
-    stages' run records (artifacts/.runs; they differ between two runs of the same inputs)."""
+    stages' run records (artifacts/.runs; they differ between two runs of the same inputs); and the wall
+    seconds of the learning-rate search its runs read (the sum of its trials.json; None for a rate fixed
+    by hand), which runs of one tune entry share."""
     from onpolicy_core.stages.skeleton import read_run_record
 
     def cost(record: dict) -> tuple[float | None, float | None]:
@@ -436,8 +438,11 @@ def cost_table(paths: PathsConfig, runs: list[str]) -> dict[str, dict]:
         trains = [cost(read_run_record(Path(paths.train) / run)) for run in members]
         if any(v is None for t in trains for v in t):
             continue
+        trials = Path((rate_files or {}).get(members[0]) or rate_file(paths, parse_run(group)[0])).parent / "trials.json"
+        search = json.loads(trials.read_text()) if trials.is_file() else []
         table[group] = {"data_wall_s": prep[0], "data_cpu_s": prep[1], "train_wall_s": float(np.mean([t[0] for t in trains])),
-                        "train_cpu_s": float(np.mean([t[1] for t in trains])), "seeds": len(members)}
+                        "train_cpu_s": float(np.mean([t[1] for t in trains])), "seeds": len(members),
+                        "tune_wall_s": sum(t["seconds"] for t in search) if search else None, "tune_trials": len(search)}
     return table
 
 
@@ -480,11 +485,15 @@ def cost_section(cost: dict[str, dict], policy: dict | None) -> list[str]:
     lines = ["## Cost per method", "",
              ("Seconds of the stage processes (model loading included), mean over seeds; data preparation is the "
               "Hinted Decoding stage of the training set (DPO and SimPO sample their pairs inside training). "
-              "Measured on this run's machine: these figures, unlike every other number here, differ between runs."), "",
-             "| model | data prep wall s | data prep CPU s | training wall s | training CPU s | total CPU s |", "|---|---|---|---|---|---|"]
+              "Measured on this run's machine: these figures, unlike every other number here, differ between runs. "
+              "Rate search: the wall seconds of every trial of the learning-rate search the runs read, once per "
+              "search (– for a rate fixed by hand)."), "",
+             "| model | data prep wall s | data prep CPU s | training wall s | training CPU s | total CPU s | rate search wall s (trials) |",
+             "|---|---|---|---|---|---|---|"]
     for group, c in cost.items():
+        search = "–" if c.get("tune_wall_s") is None else f"{s(c['tune_wall_s'])} ({c['tune_trials']})"
         lines.append(f"| {group} | {s(c['data_wall_s'])} | {s(c['data_cpu_s'])} | {s(c['train_wall_s'])} | {s(c['train_cpu_s'])} | "
-                     f"{s(_total(c['data_cpu_s'], c['train_cpu_s']))} |")
+                     f"{s(_total(c['data_cpu_s'], c['train_cpu_s']))} | {search} |")
     return [*lines, ""]
 
 
@@ -758,7 +767,7 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     ddt, realign = ddt_statistics(paths), realign_statistics(paths)
     same = same_answers_as_base(groups)
     flags = truncation_flags(results, runs) + data_flags(sets, aliases) + same_answer_flags(same)
-    policy, cost = policy_statistics(paths), cost_table(paths, runs)
+    policy, cost = policy_statistics(paths), cost_table(paths, runs, rate_files)
     shown = [m for m in models if m == BASE or run_group(m) not in aliases]
     general_section = general_table(paths, general, shown) if general is not None and general.benchmarks else None
     rates = learning_rates(paths, runs, rate_files)
