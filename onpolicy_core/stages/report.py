@@ -133,9 +133,10 @@ def greedy_responses(records: list[dict]) -> dict[str, dict[str, str]]:
     return out
 
 
-SAME_ANSWERS_FLAG = 0.9
-"""A trained model that gives more than this share of the base model's greedy answers word for word is
-flagged: at its learning rate it has barely moved, so its row is the start policy under another name."""
+SAME_ANSWERS_FLAG = 0.75
+"""A trained model that gives more than three quarters of the base model's greedy answers word for word
+is flagged: at its learning rate it has barely moved, so its row is mostly the start policy under
+another name (the column shows every model's share)."""
 
 
 def same_answers_as_base(groups: list[Group]) -> dict[str, dict[str, float]]:
