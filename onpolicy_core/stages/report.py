@@ -153,8 +153,9 @@ def same_answers_as_base(groups: list[Group]) -> dict[str, dict[str, float]]:
             pairs = [(answers[pid], g.responses[run][bench][pid]) for run in g.runs
                      for pid in answers if pid in g.responses.get(run, {}).get(bench, {})]
             if pairs:
-                out.setdefault(g.name, {})[bench] = sum(a == b for a, b in pairs) / len(pairs)
-                same, total = same + sum(a == b for a, b in pairs), total + len(pairs)
+                alike = sum(a == b for a, b in pairs)
+                out.setdefault(g.name, {})[bench] = alike / len(pairs)
+                same, total = same + alike, total + len(pairs)
         if total:
             out[g.name]["all"] = same / total
     return out
@@ -439,7 +440,7 @@ def cost_table(paths: PathsConfig, runs: list[str], rate_files: dict[str, str] |
         trains = [cost(read_run_record(Path(paths.train) / run)) for run in members]
         if any(v is None for t in trains for v in t):
             continue
-        trials = Path((rate_files or {}).get(members[0]) or rate_file(paths, parse_run(group)[0])).parent / "trials.json"
+        trials = Path(_rate_file_of(paths, members[0], rate_files)).parent / "trials.json"
         search = json.loads(trials.read_text()) if trials.is_file() else []
         table[group] = {"data_wall_s": prep[0], "data_cpu_s": prep[1], "train_wall_s": float(np.mean([t[0] for t in trains])),
                         "train_cpu_s": float(np.mean([t[1] for t in trains])), "seeds": len(members),
@@ -616,10 +617,15 @@ def plot_comparison(table: dict, metric: str, path: Path) -> None:
 
 # --- Learning rates: what the tune stage chose for each method (a section of its own) ---------------
 
+def _rate_file_of(paths: PathsConfig, run: str, rate_files: dict[str, str] | None) -> str:
+    """The best.json a run reads: its `rate_file` in train.runs, else its method's."""
+    return (rate_files or {}).get(run) or rate_file(paths, parse_run(run)[0])
+
+
 def learning_rates(paths: PathsConfig, runs: list[str], rate_files: dict[str, str] | None = None) -> dict[str, dict | None]:
     """Per tune entry the runs read (their `rate_file` in train.runs; without it, each run's method's),
     the tune stage's best.json (None when there is none)."""
-    files = {run: (rate_files or {}).get(run) or rate_file(paths, parse_run(run)[0]) for run in runs}
+    files = {run: _rate_file_of(paths, run, rate_files) for run in runs}
     out: dict[str, dict | None] = {}
     for path in dict.fromkeys(Path(f) for f in files.values()):
         out[path.parent.name] = json.loads(path.read_text()) if path.is_file() else None
