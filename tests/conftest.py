@@ -142,8 +142,12 @@ def make_project(path: Path, **settings) -> Path:
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     (path / ".gitignore").write_text("/artifacts/\nmlflow.db\n")
     env = bin_env()
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]):
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=path, check=True, env=env)
+    # The project's DVC settings, its cache link type among them: with `dvc init`'s default (copy),
+    # every model a test pipeline writes would sit on disk twice.
+    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]):
         subprocess.run(cmd, cwd=path, check=True, env=env)
     return path
 
