@@ -219,3 +219,35 @@ def test_cost_per_method_counts_data_preparation_training_and_the_rate_search(pa
     assert cost["sft-original"]["tune_wall_s"] is None, "no search ran for it"
     md = Path(paths.report, "report.md").read_text()
     assert "| idft-original | 0 | 0 | 100 | 180 | 180 | 240 (2) |" in md and "| sft-original | 0 | 0 | 80 | 150 | 150 | – |" in md
+
+
+def test_a_tuned_rate_at_the_end_of_its_grid_or_no_better_than_the_start_policy_is_flagged(paths, tmp_path):
+    """A grid search cannot see past its ends, and a best trial that ties the start policy means no rate
+    helped: both are warnings, not footnotes. A rate inside its grid that beat the start policy, and a
+    rate fixed by hand, are not flagged."""
+    paths = dataclasses.replace(paths, tune=str(tmp_path / "tune"))
+
+    def best(method, rate, value, start, source="tuned"):
+        write_json(tmp_path / "tune" / method / "best.json",
+                   {"method": method, "learning_rate": rate, "source": source, "metric": "greedy_accuracy",
+                    "grid": [1e-6, 1e-5, 1e-4] if source == "tuned" else None, "trials": 3,
+                    "objective": {"value": value, "low": 0.0, "high": 1.0, "n": 48},
+                    "start_policy": {"value": start, "low": 0.0, "high": 1.0, "n": 48}})
+
+    best("idft", 1e-6, 0.25, 0.25)
+    best("sft", 1e-5, 0.40, 0.25)
+    out = run_report(REPORT, paths, OFF, EVAL, ["sft-original", "idft-original"])
+    rate_flags = [f for f in out["truncation_flags"] if "grid" in f]
+    assert rate_flags == [
+        "idft: the chosen learning rate 1e-06 is the lowest point of its grid, so the best rate may lie below it: "
+        "extend the grid (tune.grid, or the method's own) and tune again.",
+        "idft: no learning rate of its grid beat the start policy on validation (25.0% vs 25.0%, n = 48): within the "
+        "tuning budget, training did not help, so its rows show a model that has barely left the start policy."]
+    best("idft", 1e-4, 0.30, 0.25)
+    best("sft", 1e-4, 0.40, 0.25, source="fixed")
+    flags = run_report(REPORT, paths, OFF, EVAL, ["sft-original", "idft-original"])["truncation_flags"]
+    assert [f for f in flags if f.startswith("idft:")] == [
+        "idft: the chosen learning rate 0.0001 is the highest point of its grid, so the best rate may lie above it: "
+        "extend the grid (tune.grid, or the method's own) and tune again."]
+    assert not [f for f in flags if f.startswith("sft:")], "a rate fixed by hand is the user's choice"
+    assert "⚠ idft: the chosen learning rate 0.0001" in Path(paths.report, "report.md").read_text()

@@ -11,7 +11,7 @@ learning rate the tune stage chose for each method (`<paths.tune>/<method>/best.
   95% intervals, the truncation rate, and paired comparisons with the base model and the SFT
   reference on the same problems (p-values raw and Holm-adjusted); a verdict that says "no
   significant difference" where the data cannot separate two methods; flags for models that learnt
-  to not stop; the realignment rejections; the DDT statistics of all three training sets beside the
+  to not stop, and for tuned rates at an end of their grid or no better than the start policy; the realignment rejections; the DDT statistics of all three training sets beside the
   paper's reference values.
 - comparison.png (bars with 95% intervals, or +- sd over seeds) and comparison.json (every number).
 
@@ -632,6 +632,27 @@ def learning_rates(paths: PathsConfig, runs: list[str], rate_files: dict[str, st
     return out
 
 
+def rate_flags(rates: dict[str, dict | None]) -> list[str]:
+    """Warnings on tuned rates a reader should not take at face value: a rate at the end of its grid (the
+    best may lie beyond it; a grid search cannot say), and a best trial no better than the start policy
+    on validation (within the tuning budget, no rate helped, so the method's rows show an untrained model)."""
+    flags = []
+    for method, best in rates.items():
+        if not best or best.get("source") != "tuned" or len(best.get("grid") or ()) < 2:
+            continue
+        rate, grid = best["learning_rate"], sorted(best["grid"])
+        if rate in (grid[0], grid[-1]):
+            end, beyond = ("lowest", "below") if rate == grid[0] else ("highest", "above")
+            flags.append(f"{method}: the chosen learning rate {rate:g} is the {end} point of its grid, so the best rate may lie "
+                         f"{beyond} it: extend the grid (tune.grid, or the method's own) and tune again.")
+        o, start = best.get("objective"), best.get("start_policy")
+        if o and start and o["value"] <= start["value"]:
+            flags.append(f"{method}: no learning rate of its grid beat the start policy on validation ({_pct(o['value'])}% vs "
+                         f"{_pct(start['value'])}%, n = {o['n']}): within the tuning budget, training did not help, so its "
+                         "rows show a model that has barely left the start policy.")
+    return flags
+
+
 def learning_rate_section(rates: dict[str, dict | None]) -> list[str]:
     """The 'Learning rates' section: per method the rate, fixed by hand or tuned, the grid tried, the
     validation accuracy of the best trial and of the start policy, with 95% Wilson intervals."""
@@ -773,11 +794,12 @@ def run_report(cfg: ReportConfig, paths: PathsConfig, tracking: TrackingConfig, 
     table = build_table(groups, benches, cfg.metric, cfg.sft_reference)
     ddt, realign = ddt_statistics(paths), realign_statistics(paths)
     same = same_answers_as_base(groups)
-    flags = truncation_flags(results, runs) + data_flags(sets, aliases) + same_answer_flags(same)
+    rates = learning_rates(paths, runs, rate_files)
+    flags = (truncation_flags(results, runs) + data_flags(sets, aliases) + same_answer_flags(same)
+             + rate_flags(rates))
     policy, cost = policy_statistics(paths), cost_table(paths, runs, rate_files)
     shown = [m for m in models if m == BASE or run_group(m) not in aliases]
     general_section = general_table(paths, general, shown) if general is not None and general.benchmarks else None
-    rates = learning_rates(paths, runs, rate_files)
     out = Path(paths.report)
     config = {"report": to_dict(cfg), "models": models, "metric_key": metric_key(cfg, eval_cfg.samples)}
     inputs = [Path(paths.eval) / m / "records.parquet" for m in models] + [Path(paths.score) / d / "summary.json" for d in ddt]
