@@ -84,11 +84,16 @@ def test_report_cells_carry_n_intervals_and_paired_tests(paths, monkeypatch):
     assert idft["estimate"]["seeds"] == 2 and idft["estimate"]["value"] == pytest.approx(65 / N)
     assert idft["estimate"]["sd"] == pytest.approx(abs(64 - 66) / N / 2**0.5)
     assert idft["vs_sft"]["test"] == "paired bootstrap" and idft["vs_sft"]["p_holm"] >= idft["vs_sft"]["p_value"]
+    # the data-level comparison: the same method on realigned against original data (1 seed vs 2: bootstrap)
+    hinted = arith["idft-hinted"]["vs_original"]
+    assert hinted["test"] == "paired bootstrap" and hinted["diff"] == pytest.approx((90 - 65) / N) and hinted["n"] == N
+    assert idft["vs_original"] is None and sft["vs_original"] is None, "only a run on realigned data has a counterpart"
 
     md = Path(paths.report, "report.md").read_text()
     assert "## arithmetic (n = 120)" in md
     assert "idft-original vs sft-original: +2.5 points, no significant difference (p 0.038, Holm 0.076" in md, "Holm decides"
     assert "idft-hinted vs sft-original: +25.0 points, significantly higher" in md
+    assert "idft-hinted vs idft-original (same method, original data): +20.8 points, significantly higher" in md
     assert "idft-original | 2 | 54.2 ± 1.2 sd" in md
     assert "⚠ idft-hinted on arithmetic: truncated_rate 40.0% vs base 5.0%" in md
     assert "Smoke scale" not in md

@@ -8,8 +8,8 @@ learning rate the tune stage chose for each method (`<paths.tune>/<method>/best.
 
 - report.md: per benchmark, every model (runs of one method and data under several seeds as one row,
   mean +- sd over seeds) with n, the headline accuracy and the strict (\\boxed{}-only) accuracy with
-  95% intervals, the truncation rate, and paired comparisons with the base model and the SFT
-  reference on the same problems (p-values raw and Holm-adjusted); a verdict that says "no
+  95% intervals, the truncation rate, and paired comparisons with the base model, the SFT
+  reference and (for a run on realigned data) its method on the original data, on the same problems (p-values raw and Holm-adjusted); a verdict that says "no
   significant difference" where the data cannot separate two methods; flags for models that learnt
   to not stop, and for tuned rates at an end of their grid or no better than the start policy; the realignment rejections; the DDT statistics of all three training sets beside the
   paper's reference values.
@@ -211,9 +211,21 @@ def _comparison_dict(c: Comparison | None) -> dict | None:
     return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "n": c.n, "test": c.test}
 
 
+def original_of(group: str, names) -> str | None:
+    """The group of the same method on the original data, for a group trained on other data ('idft-hinted'
+    -> 'idft-original'), when `names` has it: the paper's data-level claim is this pair (same loss, same
+    seeds, only the training text differs)."""
+    if group == BASE:
+        return None
+    method, data = parse_run(group)
+    other = f"{method}-original"
+    return other if data != "original" and other in names else None
+
+
 def build_table(groups: list[Group], benches: list[str], metric: str, sft_reference: str) -> dict:
-    """Per benchmark and group: estimates (headline and strict) and comparisons with base and SFT,
-    with Holm-adjusted p-values within each benchmark and reference."""
+    """Per benchmark and group: estimates (headline and strict) and comparisons with base, with SFT and,
+    for a group on realigned data, with its method on the original data; Holm-adjusted p-values within
+    each benchmark and reference."""
     by_name = {g.name: g for g in groups}
     sft = run_group(sft_reference) if sft_reference else None
     table: dict[str, dict[str, dict]] = {}
@@ -224,13 +236,16 @@ def build_table(groups: list[Group], benches: list[str], metric: str, sft_refere
             if not all(bench in g.values[r] for r in g.runs):
                 continue
             cell = {"estimate": estimate(g, bench, ids, metric), "strict": estimate(g, bench, ids, metric, strict=True),
-                    "vs_base": None, "vs_sft": None}
+                    "vs_base": None, "vs_sft": None, "vs_original": None}
             if g.name != BASE:
                 cell["vs_base"] = _comparison_dict(compare(g, by_name[BASE], bench, ids, metric))
             if sft in by_name and g.name not in (BASE, sft):
                 cell["vs_sft"] = _comparison_dict(compare(g, by_name[sft], bench, ids, metric))
+            original = original_of(g.name, by_name)
+            if original and all(bench in by_name[original].values[r] for r in by_name[original].runs):
+                cell["vs_original"] = _comparison_dict(compare(g, by_name[original], bench, ids, metric))
             table[bench][g.name] = cell
-        for ref in ("vs_base", "vs_sft"):
+        for ref in ("vs_base", "vs_sft", "vs_original"):
             cells = [c[ref] for c in table[bench].values() if c[ref] is not None]
             for c, adjusted in zip(cells, holm([c["p_value"] for c in cells])):
                 c["p_holm"] = adjusted
@@ -269,18 +284,20 @@ def _significance(c: dict) -> str:
 
 
 def verdict(table: dict, sft_reference: str) -> list[str]:
-    """Plain sentences: the best model per benchmark, and each method against SFT and base, saying
-    'no significant difference' where the paired test cannot separate them (Holm-adjusted, alpha 0.05)."""
+    """Plain sentences: the best model per benchmark, and each method against SFT and base (and a method
+    on realigned data against the same method on the original data), saying 'no significant difference'
+    where the paired test cannot separate them (Holm-adjusted, alpha 0.05)."""
     sft = run_group(sft_reference) if sft_reference else None
     lines = []
     for bench, cells in table.items():
         best = max(cells, key=lambda g: cells[g]["estimate"]["value"])
         lines.append(f"- **{bench}**: highest point estimate {best} ({_estimate_text(cells[best]['estimate'])}).")
         for name, cell in cells.items():
-            for ref, ref_name in (("vs_sft", sft), ("vs_base", BASE)):
-                c = cell[ref]
+            for ref, ref_name in (("vs_sft", sft), ("vs_base", BASE), ("vs_original", original_of(name, cells))):
+                c = cell.get(ref)
                 if c is not None:
-                    lines.append(f"  - {name} vs {ref_name}: {_pct(c['diff'], True)} points, {_significance(c)} "
+                    same_method = " (same method, original data)" if ref == "vs_original" else ""
+                    lines.append(f"  - {name} vs {ref_name}{same_method}: {_pct(c['diff'], True)} points, {_significance(c)} "
                                  f"(p {_p(c['p_value'])}, Holm {_p(c.get('p_holm'))}, n = {c['n']}).")
         separated = [n for n, c in cells.items() if c["vs_sft"] is not None and _significance(c["vs_sft"]) != "no significant difference"]
         if sft in cells and not separated:
@@ -531,8 +548,9 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
     for bench, cells in table.items():
         n = next(iter(cells.values()))["estimate"]["n"]
         lines += [f"## {bench} (n = {n})", "",
-                  f"| model | seeds | {metric} [95% CI] | strict [95% CI] | truncated | answers = base's | Δ vs base | Δ vs {sft} |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| model | seeds | {metric} [95% CI] | strict [95% CI] | truncated | answers = base's | Δ vs base | Δ vs {sft} | "
+                  "Δ vs its method on original data |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, c in cells.items():
             runs = next(g.runs for g in groups if g.name == name)
             trunc = [results[r][bench].get("truncated_rate") for r in runs if bench in results.get(r, {})]
@@ -540,8 +558,10 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
             share = (same or {}).get(name, {}).get(bench)
             lines.append(f"| {name} | {c['estimate']['seeds']} | {_estimate_text(c['estimate'])} | {_estimate_text(c['strict'])} | "
                          f"{trunc_text} | {'–' if share is None else _pct(share) + '%'} | {_comparison_text(c['vs_base'])} | "
-                         f"{_comparison_text(c['vs_sft'])} |")
-        lines += ["", "*answers = base's*: the share of greedy answers that are the base model's text word for word.", ""]
+                         f"{_comparison_text(c['vs_sft'])} | {_comparison_text(c.get('vs_original'))} |")
+        lines += ["", "*answers = base's*: the share of greedy answers that are the base model's text word for word. "
+                  "*Δ vs its method on original data*: a model trained on realigned data against the same method on the "
+                  "original solutions, the paper's data-level comparison (the same loss; only the training text differs).", ""]
     lines += ["## Every metric of every run", ""]
     for bench in table:
         keys = sorted({k for m in results.values() for k in m.get(bench, {})})
