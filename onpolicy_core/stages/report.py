@@ -8,11 +8,12 @@ learning rate the tune stage chose for each method (`<paths.tune>/<method>/best.
 
 - report.md: per benchmark, every model (runs of one method and data under several seeds as one row,
   mean +- sd over seeds) with n, the headline accuracy and the strict (\\boxed{}-only) accuracy with
-  95% intervals, the truncation rate, and paired comparisons with the base model, the SFT
-  reference and (for a run on realigned data) its method on the original data, on the same problems (p-values raw and Holm-adjusted); a verdict that says "no
-  significant difference" where the data cannot separate two methods; flags for models that learnt
-  to not stop, and for tuned rates at an end of their grid or no better than the start policy; the realignment rejections; the DDT statistics of all three training sets beside the
-  paper's reference values.
+  95% intervals, the truncation rate, and paired comparisons on the same problems with the base
+  model, the SFT reference and (for a run on realigned data) its method on the original data
+  (p-values raw and Holm-adjusted); a verdict that says "no significant difference" where the data
+  cannot separate two methods; flags for models that learnt to not stop, and for tuned rates at an
+  end of their grid or no better than the start policy; the realignment rejections; the DDT
+  statistics of all three training sets beside the paper's reference values.
 - comparison.png (bars with 95% intervals, or +- sd over seeds) and comparison.json (every number).
 
 The statistics are `onpolicy_core.algorithms.statistics` (scipy / statsmodels).
