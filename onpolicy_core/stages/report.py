@@ -124,6 +124,10 @@ class Group:
     responses: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     """run -> benchmark -> problem -> greedy response text (empty where the records hold none)."""
 
+    def covers(self, bench: str) -> bool:
+        """Every run of the group was evaluated on `bench`."""
+        return all(bench in self.values[r] for r in self.runs)
+
 
 def greedy_responses(records: list[dict]) -> dict[str, dict[str, str]]:
     """{benchmark: {problem_id: text}} of the greedy responses."""
@@ -234,7 +238,7 @@ def build_table(groups: list[Group], benches: list[str], metric: str, sft_refere
         ids = sorted(by_name[BASE].values[BASE].get(bench, {}))
         table[bench] = {}
         for g in groups:
-            if not all(bench in g.values[r] for r in g.runs):
+            if not g.covers(bench):
                 continue
             cell = {"estimate": estimate(g, bench, ids, metric), "strict": estimate(g, bench, ids, metric, strict=True),
                     "vs_base": None, "vs_sft": None, "vs_original": None}
@@ -243,7 +247,7 @@ def build_table(groups: list[Group], benches: list[str], metric: str, sft_refere
             if sft in by_name and g.name not in (BASE, sft):
                 cell["vs_sft"] = _comparison_dict(compare(g, by_name[sft], bench, ids, metric))
             original = original_of(g.name, by_name)
-            if original and all(bench in by_name[original].values[r] for r in by_name[original].runs):
+            if original and by_name[original].covers(bench):
                 cell["vs_original"] = _comparison_dict(compare(g, by_name[original], bench, ids, metric))
             table[bench][g.name] = cell
         for ref in ("vs_base", "vs_sft", "vs_original"):
@@ -295,7 +299,7 @@ def verdict(table: dict, sft_reference: str) -> list[str]:
         lines.append(f"- **{bench}**: highest point estimate {best} ({_estimate_text(cells[best]['estimate'])}).")
         for name, cell in cells.items():
             for ref, ref_name in (("vs_sft", sft), ("vs_base", BASE), ("vs_original", original_of(name, cells))):
-                c = cell.get(ref)
+                c = cell[ref]
                 if c is not None:
                     same_method = " (same method, original data)" if ref == "vs_original" else ""
                     lines.append(f"  - {name} vs {ref_name}{same_method}: {_pct(c['diff'], True)} points, {_significance(c)} "
@@ -559,7 +563,7 @@ def render_markdown(table: dict, results: dict, groups: list[Group], ddt: dict, 
             share = (same or {}).get(name, {}).get(bench)
             lines.append(f"| {name} | {c['estimate']['seeds']} | {_estimate_text(c['estimate'])} | {_estimate_text(c['strict'])} | "
                          f"{trunc_text} | {'–' if share is None else _pct(share) + '%'} | {_comparison_text(c['vs_base'])} | "
-                         f"{_comparison_text(c['vs_sft'])} | {_comparison_text(c.get('vs_original'))} |")
+                         f"{_comparison_text(c['vs_sft'])} | {_comparison_text(c['vs_original'])} |")
         lines += ["", "*answers = base's*: the share of greedy answers that are the base model's text word for word. "
                   "*Δ vs its method on original data*: a model trained on realigned data against the same method on the "
                   "original solutions, the paper's data-level comparison (the same loss; only the training text differs).", ""]
